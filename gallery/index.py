@@ -1,0 +1,210 @@
+"""FAISS vector index over the current model's templates, keyed by SQLite row id.
+
+The index is a cache: `facegate.gallery.store` rebuilds it from SQLite at open and
+after deletions it cannot apply in place. It is thread-safe: searches share a read
+lock, changes take the write lock, so many searches run at once and a change waits
+only for the searches in flight.
+
+Kinds:
+- ``flat``: exact inner-product search (``IndexIDMap2`` over ``IndexFlatIP``).
+- ``hnsw``: ``IndexHNSWFlat`` (inner product, M=32). HNSW cannot remove vectors, so
+  deletions are tombstoned, filtered out of results, and the owner rebuilds the index
+  once the tombstoned share passes `REBUILD_DELETED_SHARE`.
+- ``ivf``: ``IndexIVFFlat`` with ``nlist = sqrt(n)`` lists, trained when there are at
+  least `IVF_TRAIN_PER_LIST` vectors per list; below that it falls back to flat. The
+  owner rebuilds (and retrains) once the index has doubled since training.
+A GPU copy (``faiss.index_cpu_to_all_gpus``) is used for flat and IVF when FAISS has
+GPU support and ``gpu`` is not False; GPU indexes tombstone deletions like HNSW.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import faiss
+import numpy as np
+
+INDEX_KINDS = ("flat", "hnsw", "ivf")
+HNSW_M = 32
+HNSW_EF_SEARCH = 64
+IVF_TRAIN_PER_LIST = 39
+IVF_MIN_LISTS = 4
+IVF_MAX_LISTS = 4096
+IVF_NPROBE = 16
+REBUILD_DELETED_SHARE = 0.2
+
+
+class ReadWriteLock:
+    """Many readers or one writer; a waiting writer blocks new readers (no starvation)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writer = False
+        self._writers_waiting = 0
+
+    @contextmanager
+    def read(self) -> Iterator[None]:
+        with self._cond:
+            while self._writer or self._writers_waiting:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                if not self._readers:
+                    self._cond.notify_all()
+
+    @contextmanager
+    def write(self) -> Iterator[None]:
+        with self._cond:
+            self._writers_waiting += 1
+            while self._writer or self._readers:
+                self._cond.wait()
+            self._writers_waiting -= 1
+            self._writer = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer = False
+                self._cond.notify_all()
+
+
+def gpu_available() -> bool:
+    """True when this FAISS build has GPU support and sees at least one GPU."""
+    get_num_gpus = getattr(faiss, "get_num_gpus", None)
+    return bool(get_num_gpus and hasattr(faiss, "index_cpu_to_all_gpus") and get_num_gpus() > 0)
+
+
+def ivf_lists(n: int) -> int:
+    """Number of IVF lists for `n` vectors, or 0 when `n` is too few to train (flat fallback)."""
+    nlist = min(IVF_MAX_LISTS, max(IVF_MIN_LISTS, int(math.sqrt(n))))
+    return nlist if n >= IVF_TRAIN_PER_LIST * nlist else 0
+
+
+class TemplateIndex:
+    """Inner-product index of L2-normalised vectors with int64 ids (template row ids)."""
+
+    def __init__(self, dim: int, kind: str = "flat", *, gpu: bool | None = None) -> None:
+        if kind not in INDEX_KINDS:
+            raise ValueError(f"unknown index kind {kind!r}; expected one of {INDEX_KINDS}")
+        if gpu and not gpu_available():
+            raise ValueError("gpu=True but FAISS has no GPU support or sees no GPU")
+        self.dim = dim
+        self.kind = kind
+        self.on_gpu = kind != "hnsw" and gpu is not False and gpu_available()
+        self._lock = ReadWriteLock()
+        self._deleted: set[int] = set()
+        self._trained_size = 0
+        self._index = self._empty(0)
+
+    @property
+    def backend(self) -> str:
+        """What actually serves searches, e.g. ``ivf`` or ``flat`` (the IVF fallback)."""
+        if self.kind == "ivf" and not self._trained_size:
+            return "flat"
+        return self.kind
+
+    def __len__(self) -> int:
+        """Number of live (not tombstoned) vectors."""
+        return self._index.ntotal - len(self._deleted)
+
+    @property
+    def needs_rebuild(self) -> bool:
+        """True when tombstones or IVF growth call for `build` from the source of truth."""
+        total = self._index.ntotal
+        if self._deleted and len(self._deleted) > REBUILD_DELETED_SHARE * total:
+            return True
+        if self.kind != "ivf":
+            return False
+        if not self._trained_size:
+            return ivf_lists(total) > 0
+        return total > 2 * self._trained_size
+
+    def build(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        """Replace the whole index with `vectors` (N, dim) under `ids` (N,)."""
+        ids, vectors = _as_ids(ids), _as_vectors(vectors, self.dim)
+        index = self._empty(len(ids), vectors)
+        if len(ids):
+            index.add_with_ids(vectors, ids)
+        with self._lock.write():
+            self._index = index
+            self._deleted = set()
+            self._trained_size = len(ids) if self.kind == "ivf" and ivf_lists(len(ids)) else 0
+
+    def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        ids, vectors = _as_ids(ids), _as_vectors(vectors, self.dim)
+        if len(ids):
+            with self._lock.write():
+                self._index.add_with_ids(vectors, ids)
+
+    def remove(self, ids: np.ndarray) -> None:
+        """Remove `ids`; kinds that cannot remove in place tombstone them instead."""
+        ids = _as_ids(ids)
+        if not len(ids):
+            return
+        with self._lock.write():
+            if self._tombstones:
+                self._deleted.update(int(i) for i in ids)
+            else:
+                self._index.remove_ids(faiss.IDSelectorBatch(ids))
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-`k` (similarities, ids) per query row, best first; missing slots have id -1."""
+        queries = _as_vectors(queries, self.dim)
+        with self._lock.read():
+            deleted = self._deleted
+            fetch = min(k + len(deleted), self._index.ntotal)
+            if fetch <= 0:
+                empty = np.empty((len(queries), 0))
+                return empty.astype(np.float32), empty.astype(np.int64)
+            sims, ids = self._index.search(queries, fetch)
+            if not deleted:
+                return sims[:, :k], ids[:, :k]
+            out_sims = np.full((len(queries), k), -np.inf, dtype=np.float32)
+            out_ids = np.full((len(queries), k), -1, dtype=np.int64)
+            for row in range(len(queries)):
+                keep = [j for j, i in enumerate(ids[row]) if i >= 0 and int(i) not in deleted]
+                keep = keep[:k]
+                out_sims[row, : len(keep)] = sims[row, keep]
+                out_ids[row, : len(keep)] = ids[row, keep]
+            return out_sims, out_ids
+
+    @property
+    def _tombstones(self) -> bool:
+        return self.kind == "hnsw" or self.on_gpu
+
+    def _empty(self, n: int, train: np.ndarray | None = None) -> faiss.Index:
+        """A fresh index of this kind sized for `n` vectors, trained on `train` if IVF."""
+        if self.kind == "hnsw":
+            hnsw = faiss.IndexHNSWFlat(self.dim, HNSW_M, faiss.METRIC_INNER_PRODUCT)
+            hnsw.hnsw.efSearch = HNSW_EF_SEARCH
+            return faiss.IndexIDMap2(hnsw)
+        nlist = ivf_lists(n) if self.kind == "ivf" else 0
+        if nlist:
+            quantizer = faiss.IndexFlatIP(self.dim)
+            index = faiss.IndexIVFFlat(quantizer, self.dim, nlist, faiss.METRIC_INNER_PRODUCT)
+            index.train(train)
+            index.nprobe = min(nlist, IVF_NPROBE)
+        else:
+            index = faiss.IndexIDMap2(faiss.IndexFlatIP(self.dim))
+        return faiss.index_cpu_to_all_gpus(index) if self.on_gpu else index
+
+
+def _as_ids(ids: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(np.asarray(ids, dtype=np.int64).reshape(-1))
+
+
+def _as_vectors(vectors: np.ndarray, dim: int) -> np.ndarray:
+    vectors = np.ascontiguousarray(np.asarray(vectors, dtype=np.float32))
+    if vectors.ndim == 1:
+        vectors = vectors[None, :]
+    if vectors.ndim != 2 or vectors.shape[1] != dim:
+        raise ValueError(f"expected vectors of shape (N, {dim}), got {vectors.shape}")
+    return vectors

@@ -1,0 +1,582 @@
+"""The durable gallery: identities and their templates in SQLite, searched through FAISS.
+
+SQLite (WAL, ``synchronous=FULL``, foreign keys on) is the source of truth; the FAISS
+index (`facegate.gallery.index.TemplateIndex`) is rebuilt from it at open and holds
+only templates of the current ``model_id``. A write method returns only after its
+transaction has committed, so an acknowledged enrolment survives a crash or kill -9.
+
+Concurrency: one writer at a time (a lock around every write transaction and the
+index update that follows it) and many readers (each thread reads SQLite through its
+own connection, WAL gives it a consistent snapshot; the index has its own RW lock).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+from facegate.core.errors import DuplicateIdentity, ModelMismatch, UnknownIdentity, UnknownTemplate
+from facegate.gallery.index import TemplateIndex
+from tqdm import tqdm
+
+SCHEMA_VERSION = 1
+NORM_TOLERANCE = 1e-3
+REEMBED_BATCH = 64
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS identities (
+    identity_id TEXT PRIMARY KEY,
+    name TEXT,
+    metadata TEXT NOT NULL DEFAULT '{}',
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS templates (
+    row_id INTEGER PRIMARY KEY AUTOINCREMENT,
+    template_id TEXT NOT NULL UNIQUE,
+    identity_id TEXT NOT NULL REFERENCES identities(identity_id) ON DELETE CASCADE,
+    model_id TEXT NOT NULL,
+    dim INTEGER NOT NULL,
+    embedding BLOB NOT NULL,
+    created_at REAL NOT NULL,
+    source TEXT,
+    score REAL,
+    crop BLOB
+);
+CREATE INDEX IF NOT EXISTS templates_by_identity ON templates(identity_id);
+CREATE INDEX IF NOT EXISTS templates_by_model ON templates(model_id);
+CREATE TABLE IF NOT EXISTS decisions (
+    row_id INTEGER PRIMARY KEY AUTOINCREMENT,
+    identity_id TEXT NOT NULL REFERENCES identities(identity_id) ON DELETE CASCADE,
+    similarity REAL NOT NULL,
+    accepted INTEGER NOT NULL,
+    route TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS decisions_by_identity ON decisions(identity_id, row_id);
+"""
+
+
+@dataclass(frozen=True)
+class Template:
+    """One enrolled embedding of an identity (the vector itself stays in the store)."""
+
+    template_id: str
+    identity_id: str
+    created_at: float
+    source: str | None
+    score: float | None
+
+
+@dataclass(frozen=True)
+class Identity:
+    identity_id: str
+    name: str | None
+    metadata: dict = field(hash=False)
+    created_at: float
+    templates: tuple[Template, ...]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A search hit: an identity and the similarity of its best-matching template."""
+
+    identity_id: str
+    name: str | None
+    similarity: float
+    template_id: str
+
+
+class Gallery:
+    """Enrolled identities, durable in the SQLite file at `path`, searchable by embedding."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        model_id: str,
+        embedding_size: int,
+        index: str = "flat",
+        keep_crops: bool = False,
+        gpu: bool | None = None,
+        decisions_per_identity: int = 200,
+    ) -> None:
+        self.path = Path(path)
+        self.model_id = model_id
+        self.embedding_size = embedding_size
+        self.keep_crops = keep_crops
+        self.decisions_per_identity = decisions_per_identity
+        self._write_lock = threading.Lock()
+        self._local = threading.local()
+        self._connections: list[sqlite3.Connection] = []
+        self._connections_lock = threading.Lock()
+        self._closed = False
+        self._writer = self._connect()
+        self._writer.executescript(SCHEMA)
+        with self._transaction() as db:
+            db.execute(
+                "INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?)",
+                (str(SCHEMA_VERSION),),
+            )
+            db.execute(
+                "INSERT OR REPLACE INTO meta(key, value) VALUES ('model_id', ?)", (model_id,)
+            )
+        self._index = TemplateIndex(embedding_size, index, gpu=gpu)
+        self._rows: dict[int, tuple[str, str]] = {}  # index id -> (identity_id, template_id)
+        self._names: dict[str, str | None] = {}
+        self._stale_templates = 0
+        self._stale_identities = 0
+        self._reload()
+
+    # -- writes -------------------------------------------------------------------------
+
+    def create_identity(
+        self,
+        identity_id: str | None,
+        *,
+        name: str | None = None,
+        metadata: dict | None = None,
+        embeddings: np.ndarray,
+        sources: Sequence[str | None] | None = None,
+        scores: Sequence[float | None] | None = None,
+        crops: np.ndarray | Sequence[np.ndarray] | None = None,
+    ) -> Identity:
+        """Create an identity with its first templates in one transaction."""
+        vectors = self._check_embeddings(embeddings)
+        identity_id = identity_id or uuid.uuid4().hex
+        created_at = time.time()
+        with self._write_lock:
+            with self._transaction() as db:
+                try:
+                    db.execute(
+                        "INSERT INTO identities(identity_id, name, metadata, created_at)"
+                        " VALUES (?, ?, ?, ?)",
+                        (identity_id, name, json.dumps(metadata or {}), created_at),
+                    )
+                except sqlite3.IntegrityError:
+                    raise DuplicateIdentity(f"identity {identity_id!r} already exists") from None
+                rows = self._insert_templates(db, identity_id, vectors, sources, scores, crops)
+            self._names[identity_id] = name
+            self._index_rows(rows, vectors)
+        return Identity(
+            identity_id, name, dict(metadata or {}), created_at, tuple(t for _, t in rows)
+        )
+
+    def add_templates(
+        self,
+        identity_id: str,
+        embeddings: np.ndarray,
+        *,
+        sources: Sequence[str | None] | None = None,
+        scores: Sequence[float | None] | None = None,
+        crops: np.ndarray | Sequence[np.ndarray] | None = None,
+    ) -> list[Template]:
+        vectors = self._check_embeddings(embeddings)
+        with self._write_lock:
+            with self._transaction() as db:
+                self._require_identity(db, identity_id)
+                rows = self._insert_templates(db, identity_id, vectors, sources, scores, crops)
+            self._index_rows(rows, vectors)
+        return [t for _, t in rows]
+
+    def delete_identity(self, identity_id: str) -> None:
+        with self._write_lock:
+            with self._transaction() as db:
+                self._require_identity(db, identity_id)
+                row_ids = [
+                    r
+                    for (r,) in db.execute(
+                        "SELECT row_id FROM templates WHERE identity_id = ?", (identity_id,)
+                    )
+                ]
+                db.execute("DELETE FROM identities WHERE identity_id = ?", (identity_id,))
+                self._count_stale(db)
+            self._names.pop(identity_id, None)
+            self._unindex_rows(row_ids)
+
+    def delete_template(self, identity_id: str, template_id: str) -> None:
+        with self._write_lock:
+            with self._transaction() as db:
+                self._require_identity(db, identity_id)
+                row = db.execute(
+                    "SELECT row_id FROM templates WHERE identity_id = ? AND template_id = ?",
+                    (identity_id, template_id),
+                ).fetchone()
+                if row is None:
+                    raise UnknownTemplate(
+                        f"identity {identity_id!r} has no template {template_id!r}"
+                    )
+                db.execute("DELETE FROM templates WHERE row_id = ?", row)
+                self._count_stale(db)
+            self._unindex_rows([row[0]])
+
+    def record_decision(
+        self, identity_id: str, similarity: float, accepted: bool, route: str
+    ) -> None:
+        """Log an observed verify decision; only the last `decisions_per_identity` are kept."""
+        with self._write_lock:
+            with self._transaction() as db:
+                try:
+                    db.execute(
+                        "INSERT INTO decisions(identity_id, similarity, accepted, route, created_at)"
+                        " VALUES (?, ?, ?, ?, ?)",
+                        (identity_id, float(similarity), int(bool(accepted)), route, time.time()),
+                    )
+                except sqlite3.IntegrityError:
+                    raise UnknownIdentity(f"unknown identity {identity_id!r}") from None
+                db.execute(
+                    "DELETE FROM decisions WHERE identity_id = ? AND row_id <= ("
+                    " SELECT row_id FROM decisions WHERE identity_id = ?"
+                    " ORDER BY row_id DESC LIMIT 1 OFFSET ?)",
+                    (identity_id, identity_id, self.decisions_per_identity),
+                )
+
+    def reembed(self, embed_fn: Callable[[np.ndarray], np.ndarray]) -> int:
+        """Re-embed the kept crops of other-model templates with `embed_fn`; returns how many.
+
+        `embed_fn` takes (N, 112, 112, 3) uint8 RGB crops and returns (N, D) L2-normalised
+        embeddings of the current model. Templates of another model without a kept crop
+        stay stale (search keeps raising ModelMismatch until they are re-enrolled).
+        """
+        with self._write_lock:
+            rows = self._writer.execute(
+                "SELECT row_id, crop FROM templates WHERE model_id != ? AND crop IS NOT NULL"
+                " ORDER BY row_id",
+                (self.model_id,),
+            ).fetchall()
+            try:
+                for start in tqdm(
+                    range(0, len(rows), REEMBED_BATCH),
+                    desc="re-embed",
+                    unit="batch",
+                    disable=not rows,
+                ):
+                    batch = rows[start : start + REEMBED_BATCH]
+                    vectors = self._check_embeddings(
+                        embed_fn(np.stack([_decode_png(blob) for _, blob in batch]))
+                    )
+                    if len(vectors) != len(batch):
+                        raise ValueError(f"embed_fn gave {len(vectors)} rows for {len(batch)}")
+                    with self._transaction() as db:
+                        db.executemany(
+                            "UPDATE templates SET embedding = ?, dim = ?, model_id = ?"
+                            " WHERE row_id = ?",
+                            [
+                                (v.tobytes(), len(v), self.model_id, r)
+                                for (r, _), v in zip(batch, vectors, strict=True)
+                            ],
+                        )
+            finally:
+                if rows:
+                    self._reload()
+        return len(rows)
+
+    # -- reads --------------------------------------------------------------------------
+
+    def get_identity(self, identity_id: str) -> Identity:
+        db = self._reader()
+        row = db.execute(
+            "SELECT identity_id, name, metadata, created_at FROM identities WHERE identity_id = ?",
+            (identity_id,),
+        ).fetchone()
+        if row is None:
+            raise UnknownIdentity(f"unknown identity {identity_id!r}")
+        return self._identities(db, [row])[0]
+
+    def list_identities(self, *, offset: int = 0, limit: int = 50) -> tuple[list[Identity], int]:
+        """A page of identities in enrolment order, and the total count."""
+        db = self._reader()
+        total = db.execute("SELECT COUNT(*) FROM identities").fetchone()[0]
+        rows = db.execute(
+            "SELECT identity_id, name, metadata, created_at FROM identities"
+            " ORDER BY created_at, identity_id LIMIT ? OFFSET ?",
+            (max(0, limit), max(0, offset)),
+        ).fetchall()
+        return self._identities(db, rows), total
+
+    def search(self, query: np.ndarray, k: int = 5) -> list[Candidate]:
+        """The `k` identities whose best template is most similar to `query`, best first."""
+        if self._stale_templates:
+            raise ModelMismatch(
+                f"{self._stale_identities} identities ({self._stale_templates} templates) were "
+                f"enrolled with another model than {self.model_id!r}; re-enrol, re-embed or "
+                "delete them"
+            )
+        query = np.asarray(query, dtype=np.float32).reshape(1, -1)
+        if query.shape[1] != self.embedding_size:
+            raise ValueError(f"query has {query.shape[1]} dims, expected {self.embedding_size}")
+        fetch = max(4 * k, 16)
+        while True:
+            sims, ids = self._index.search(query, fetch)
+            best: dict[str, Candidate] = {}
+            for sim, row_id in zip(sims[0], ids[0], strict=True):
+                hit = self._rows.get(int(row_id)) if row_id >= 0 else None
+                if hit is None or hit[0] in best:
+                    continue
+                identity_id, template_id = hit
+                best[identity_id] = Candidate(
+                    identity_id, self._names.get(identity_id), float(sim), template_id
+                )
+                if len(best) == k:
+                    return list(best.values())
+            if fetch >= len(self._index):
+                return list(best.values())
+            fetch *= 4
+
+    def identity_embeddings(self, identity_id: str) -> np.ndarray:
+        """The current-model template embeddings of one identity, (N, D) float32."""
+        db = self._reader()
+        self._require_identity(db, identity_id)
+        rows = db.execute(
+            "SELECT embedding FROM templates WHERE identity_id = ? AND model_id = ?"
+            " ORDER BY row_id",
+            (identity_id, self.model_id),
+        ).fetchall()
+        return self._stack([blob for (blob,) in rows])
+
+    def embeddings(self) -> tuple[np.ndarray, list[str]]:
+        """All current-model template embeddings (N, D) and the identity id of each row."""
+        rows = (
+            self._reader()
+            .execute(
+                "SELECT identity_id, embedding FROM templates WHERE model_id = ? ORDER BY row_id",
+                (self.model_id,),
+            )
+            .fetchall()
+        )
+        return self._stack([blob for _, blob in rows]), [i for i, _ in rows]
+
+    def decisions(self) -> dict[str, list[tuple[float, bool]]]:
+        """Observed (similarity, accepted) decisions per identity, oldest first."""
+        out: dict[str, list[tuple[float, bool]]] = {}
+        for identity_id, sim, accepted in self._reader().execute(
+            "SELECT identity_id, similarity, accepted FROM decisions ORDER BY row_id"
+        ):
+            out.setdefault(identity_id, []).append((sim, bool(accepted)))
+        return out
+
+    def stats(self) -> dict:
+        db = self._reader()
+        identities = db.execute("SELECT COUNT(*) FROM identities").fetchone()[0]
+        templates = db.execute("SELECT COUNT(*) FROM templates").fetchone()[0]
+        return {
+            "identities": identities,
+            "templates": templates,
+            "indexed_templates": len(self._index),
+            "index": self._index.kind,
+            "index_backend": self._index.backend,
+            "gpu": self._index.on_gpu,
+            "model_id": self.model_id,
+            "embedding_size": self.embedding_size,
+            "stale_templates": self._stale_templates,
+            "stale_identities": self._stale_identities,
+            "keep_crops": self.keep_crops,
+        }
+
+    def close(self) -> None:
+        with self._write_lock, self._connections_lock:
+            self._closed = True
+            for db in self._connections:
+                db.close()
+            self._connections.clear()
+
+    def __enter__(self) -> Gallery:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- internals ----------------------------------------------------------------------
+
+    def _connect(self) -> sqlite3.Connection:
+        with self._connections_lock:
+            if self._closed:
+                raise RuntimeError("gallery is closed")
+            db = sqlite3.connect(
+                self.path, timeout=30.0, isolation_level=None, check_same_thread=False
+            )
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            db.execute("PRAGMA foreign_keys=ON")
+            self._connections.append(db)
+            return db
+
+    def _reader(self) -> sqlite3.Connection:
+        """This thread's read connection (WAL readers see the last committed snapshot)."""
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = self._local.db = self._connect()
+        return db
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction on the writer connection; committed (durably) on exit."""
+        db = self._writer
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+    def _check_embeddings(self, embeddings: np.ndarray) -> np.ndarray:
+        vectors = np.ascontiguousarray(np.asarray(embeddings, dtype=np.float32))
+        if vectors.ndim == 1:
+            vectors = vectors[None, :]
+        if vectors.ndim != 2 or len(vectors) < 1 or vectors.shape[1] != self.embedding_size:
+            raise ValueError(
+                f"embeddings must be (N>=1, {self.embedding_size}), got {vectors.shape}"
+            )
+        norms = np.linalg.norm(vectors, axis=1)
+        if not np.all(np.abs(norms - 1.0) <= NORM_TOLERANCE):
+            raise ValueError("embeddings must be finite and L2-normalised")
+        return vectors
+
+    def _insert_templates(
+        self,
+        db: sqlite3.Connection,
+        identity_id: str,
+        vectors: np.ndarray,
+        sources: Sequence[str | None] | None,
+        scores: Sequence[float | None] | None,
+        crops: np.ndarray | Sequence[np.ndarray] | None,
+    ) -> list[tuple[int, Template]]:
+        """Insert one template per row of `vectors`; returns (row id, Template) pairs."""
+        n = len(vectors)
+        sources = _per_row(sources, n, "sources")
+        scores = _per_row(scores, n, "scores")
+        crops = _per_row(crops, n, "crops") if self.keep_crops else [None] * n
+        out = []
+        for vector, source, score, crop in zip(vectors, sources, scores, crops, strict=True):
+            template = Template(
+                uuid.uuid4().hex,
+                identity_id,
+                time.time(),
+                source,
+                None if score is None else float(score),
+            )
+            cursor = db.execute(
+                "INSERT INTO templates(template_id, identity_id, model_id, dim, embedding,"
+                " created_at, source, score, crop) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    template.template_id,
+                    identity_id,
+                    self.model_id,
+                    len(vector),
+                    vector.tobytes(),
+                    template.created_at,
+                    source,
+                    template.score,
+                    None if crop is None else _encode_png(crop),
+                ),
+            )
+            out.append((cursor.lastrowid, template))
+        return out
+
+    def _index_rows(self, rows: list[tuple[int, Template]], vectors: np.ndarray) -> None:
+        """After commit: make the new templates searchable."""
+        for row_id, template in rows:
+            self._rows[row_id] = (template.identity_id, template.template_id)
+        self._index.add(np.array([r for r, _ in rows], dtype=np.int64), vectors)
+        if self._index.needs_rebuild:
+            self._rebuild_index()
+
+    def _unindex_rows(self, row_ids: list[int]) -> None:
+        """After commit: drop deleted templates from search."""
+        current = [r for r in row_ids if r in self._rows]
+        for r in current:
+            del self._rows[r]
+        self._index.remove(np.array(current, dtype=np.int64))
+        if self._index.needs_rebuild:
+            self._rebuild_index()
+
+    def _reload(self) -> None:
+        """Rebuild names, id map, stale counts and the index from SQLite."""
+        db = self._writer
+        self._names = dict(db.execute("SELECT identity_id, name FROM identities"))
+        self._count_stale(db)
+        self._rebuild_index()
+
+    def _rebuild_index(self) -> None:
+        rows = self._writer.execute(
+            "SELECT row_id, identity_id, template_id, embedding FROM templates"
+            " WHERE model_id = ? ORDER BY row_id",
+            (self.model_id,),
+        ).fetchall()
+        self._rows = {r: (i, t) for r, i, t, _ in rows}
+        self._index.build(
+            np.array([r for r, *_ in rows], dtype=np.int64), self._stack([b for *_, b in rows])
+        )
+
+    def _count_stale(self, db: sqlite3.Connection) -> None:
+        self._stale_templates, self._stale_identities = db.execute(
+            "SELECT COUNT(*), COUNT(DISTINCT identity_id) FROM templates WHERE model_id != ?",
+            (self.model_id,),
+        ).fetchone()
+
+    def _require_identity(self, db: sqlite3.Connection, identity_id: str) -> None:
+        if (
+            db.execute("SELECT 1 FROM identities WHERE identity_id = ?", (identity_id,)).fetchone()
+            is None
+        ):
+            raise UnknownIdentity(f"unknown identity {identity_id!r}")
+
+    def _identities(self, db: sqlite3.Connection, rows: list[tuple]) -> list[Identity]:
+        """Identities for (identity_id, name, metadata, created_at) rows, with their templates."""
+        templates: dict[str, list[Template]] = {row[0]: [] for row in rows}
+        ids = list(templates)
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            for template_id, identity_id, created_at, source, score in db.execute(
+                "SELECT template_id, identity_id, created_at, source, score FROM templates"
+                f" WHERE identity_id IN ({marks}) ORDER BY row_id",
+                chunk,
+            ):
+                templates[identity_id].append(
+                    Template(template_id, identity_id, created_at, source, score)
+                )
+        return [
+            Identity(i, name, json.loads(meta), created_at, tuple(templates[i]))
+            for i, name, meta, created_at in rows
+        ]
+
+    def _stack(self, blobs: list[bytes]) -> np.ndarray:
+        if not blobs:
+            return np.empty((0, self.embedding_size), dtype=np.float32)
+        return np.frombuffer(b"".join(blobs), dtype=np.float32).reshape(len(blobs), -1).copy()
+
+
+def _per_row(values: Sequence | np.ndarray | None, n: int, what: str) -> list:
+    if values is None:
+        return [None] * n
+    values = list(values)
+    if len(values) != n:
+        raise ValueError(f"{what} has {len(values)} entries for {n} embeddings")
+    return values
+
+
+def _encode_png(crop: np.ndarray) -> bytes:
+    crop = np.asarray(crop, dtype=np.uint8)
+    ok, buf = cv2.imencode(".png", cv2.cvtColor(crop, cv2.COLOR_RGB2BGR))
+    if not ok:
+        raise ValueError(f"cannot encode crop of shape {crop.shape} as PNG")
+    return buf.tobytes()
+
+
+def _decode_png(blob: bytes) -> np.ndarray:
+    bgr = cv2.imdecode(np.frombuffer(blob, dtype=np.uint8), cv2.IMREAD_COLOR)
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
