@@ -1,0 +1,225 @@
+"""Face detection: boxes, scores and the five ArcFace landmarks.
+
+The default detector is dlib's HOG frontal detector plus its 68-point shape
+predictor, because both ship as files in registry packages (dlib-bin,
+face_recognition_models) and run offline on CPU. SCRFD (facegate.core.scrfd)
+is the GPU alternative; both return the same `Face` objects.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import cv2
+import numpy as np
+from facegate.core.errors import MultipleFacesError, NoFaceError
+
+Box = tuple[float, float, float, float]
+Policy = Literal["largest", "strict"]
+
+
+@dataclass(frozen=True)
+class Face:
+    """One detected face in image pixel coordinates."""
+
+    box: Box
+    score: float
+    landmarks: np.ndarray  # (5, 2) float32, ArcFace order, image-left first
+
+    def area(self) -> float:
+        x1, y1, x2, y2 = self.box
+        return max(0.0, x2 - x1) * max(0.0, y2 - y1)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (coordinates rounded to 1/1000 px)."""
+        return {
+            "box": [round(float(v), 3) for v in self.box],
+            "score": round(float(self.score), 4),
+            "landmarks": [[round(float(x), 3), round(float(y), 3)] for x, y in self.landmarks],
+        }
+
+
+class Detector(Protocol):
+    def detect(self, image: np.ndarray) -> list[Face]:
+        """Faces in an (H, W, 3) uint8 RGB image, best first."""
+        ...
+
+
+def five_points_from_68(shape68: np.ndarray) -> np.ndarray:
+    """ArcFace five points from the iBUG 68-point layout: eye centres, nose tip, mouth corners.
+
+    Eye centres are the mean of each eye's six contour points (36-41, 42-47),
+    which is closer to the pupil than either eye corner; the nose tip is point
+    30 and the mouth corners are 48 and 54. Pairs are ordered image-left first.
+    """
+    pts = np.asarray(shape68, dtype=np.float32)
+    if pts.shape != (68, 2):
+        raise ValueError(f"expected (68, 2) landmarks, got {pts.shape}")
+    eye_a, eye_b = pts[36:42].mean(axis=0), pts[42:48].mean(axis=0)
+    mouth_a, mouth_b = pts[48], pts[54]
+    if eye_a[0] > eye_b[0]:
+        eye_a, eye_b = eye_b, eye_a
+    if mouth_a[0] > mouth_b[0]:
+        mouth_a, mouth_b = mouth_b, mouth_a
+    return np.stack([eye_a, eye_b, pts[30], mouth_a, mouth_b]).astype(np.float32)
+
+
+def _face_recognition_models_file(name: str) -> Path:
+    """A model file from face_recognition_models, found without importing it (its import needs pkg_resources)."""
+    spec = importlib.util.find_spec("face_recognition_models")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("face_recognition_models is not installed")
+    path = Path(next(iter(spec.submodule_search_locations))) / "models" / name
+    if not path.is_file():
+        raise RuntimeError(f"dlib model file missing: {path}")
+    return path
+
+
+class _DlibModels:
+    """dlib models loaded once per process, on first use.
+
+    The shape predictor (~100 MB) is shared; dlib documents object detectors as
+    unsafe for concurrent use, so each thread gets its own HOG detector (cheap to
+    build) and the CNN detector is used under a lock.
+    """
+
+    _lock = threading.Lock()
+    _predictor: Any = None
+    _cnn: Any = None
+    _local = threading.local()
+    cnn_lock = threading.Lock()
+
+    @classmethod
+    def predictor(cls) -> Any:
+        if cls._predictor is None:
+            with cls._lock:
+                if cls._predictor is None:
+                    import dlib
+
+                    path = _face_recognition_models_file("shape_predictor_68_face_landmarks.dat")
+                    cls._predictor = dlib.shape_predictor(str(path))
+        return cls._predictor
+
+    @classmethod
+    def hog(cls) -> Any:
+        detector = getattr(cls._local, "hog", None)
+        if detector is None:
+            import dlib
+
+            detector = cls._local.hog = dlib.get_frontal_face_detector()
+        return detector
+
+    @classmethod
+    def cnn(cls) -> Any:
+        if cls._cnn is None:
+            with cls._lock:
+                if cls._cnn is None:
+                    import dlib
+
+                    path = _face_recognition_models_file("mmod_human_face_detector.dat")
+                    cls._cnn = dlib.cnn_face_detection_model_v1(str(path))
+        return cls._cnn
+
+
+class DlibDetector:
+    """dlib HOG detector + 68-point landmarks reduced to five points.
+
+    Images whose longer side exceeds `max_side` are downscaled for the box search
+    (HOG time grows with pixels); landmarks are then fitted on the full-resolution
+    image inside the mapped-back box. Scores are the HOG SVM margin (or the mmod
+    CNN confidence for fallback detections), not probabilities. Faces are sorted
+    largest first.
+    """
+
+    def __init__(self, upsample: int = 1, cnn_fallback: bool = False, max_side: int = 1024) -> None:
+        if upsample < 0 or max_side < 64:
+            raise ValueError("upsample must be >= 0 and max_side >= 64")
+        self.upsample = upsample
+        self.cnn_fallback = cnn_fallback
+        self.max_side = max_side
+
+    def detect(self, image: np.ndarray) -> list[Face]:
+        image = _check_image(image)
+        small, scale = _downscale(image, self.max_side)
+        boxes = self._hog_boxes(small)
+        if not boxes and self.cnn_fallback:
+            boxes = self._cnn_boxes(small)
+        predictor = _DlibModels.predictor()
+        import dlib
+
+        faces = []
+        for (x1, y1, x2, y2), score in boxes:
+            box = (x1 / scale, y1 / scale, x2 / scale, y2 / scale)
+            rect = dlib.rectangle(*(int(round(v)) for v in box))
+            shape = predictor(image, rect)
+            pts = np.array([(p.x, p.y) for p in shape.parts()], dtype=np.float32)
+            faces.append(Face(box=box, score=float(score), landmarks=five_points_from_68(pts)))
+        faces.sort(key=Face.area, reverse=True)
+        return faces
+
+    def _hog_boxes(self, image: np.ndarray) -> list[tuple[Box, float]]:
+        rects, scores, _ = _DlibModels.hog().run(image, self.upsample, 0.0)
+        return [
+            ((float(r.left()), float(r.top()), float(r.right()), float(r.bottom())), float(s))
+            for r, s in zip(rects, scores, strict=True)
+        ]
+
+    def _cnn_boxes(self, image: np.ndarray) -> list[tuple[Box, float]]:
+        model = _DlibModels.cnn()
+        with _DlibModels.cnn_lock:
+            found = model(image, self.upsample)
+        out = []
+        for d in found:
+            r = d.rect
+            out.append(
+                ((float(r.left()), float(r.top()), float(r.right()), float(r.bottom())), float(d.confidence))
+            )
+        return out
+
+
+def _check_image(image: np.ndarray) -> np.ndarray:
+    if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError("image must be an (H, W, 3) uint8 RGB array")
+    return np.ascontiguousarray(image)
+
+
+def _downscale(image: np.ndarray, max_side: int) -> tuple[np.ndarray, float]:
+    """Shrink so the longer side is at most max_side; returns (image, scale applied)."""
+    longer = max(image.shape[:2])
+    if longer <= max_side:
+        return image, 1.0
+    scale = max_side / longer
+    h, w = image.shape[:2]
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    small = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+    # Use the realised scale so boxes map back exactly.
+    return np.ascontiguousarray(small), small.shape[1] / w
+
+
+def select_face(faces: list[Face], policy: Policy = "largest") -> Face:
+    """Pick the face to use: the largest, or (strict) the only one."""
+    if policy not in ("largest", "strict"):
+        raise ValueError(f"unknown face policy {policy!r}")
+    if not faces:
+        raise NoFaceError("no face found in the image")
+    if policy == "strict" and len(faces) > 1:
+        raise MultipleFacesError(f"expected one face, found {len(faces)}")
+    return max(faces, key=Face.area)
+
+
+def create_detector(name: str = "dlib", **options: Any) -> Detector:
+    """Build a detector by name: "dlib" (options as DlibDetector) or "scrfd" (path=... required)."""
+    if name == "dlib":
+        return DlibDetector(**options)
+    if name == "scrfd":
+        from facegate.core.scrfd import ScrfdDetector
+
+        path = options.pop("path", None) or options.pop("model_path", None)
+        if path is None:
+            raise ValueError("the scrfd detector needs path=<model.onnx>")
+        return ScrfdDetector(path, **options)
+    raise ValueError(f"unknown detector {name!r} (expected 'dlib' or 'scrfd')")
