@@ -1,0 +1,197 @@
+"""Embedder runtimes: aligned crops in, L2-normalised embeddings out.
+
+One Protocol, several backends: a TensorRT engine when the bundle has one for
+this GPU, ONNX Runtime on CUDA, or ONNX Runtime on CPU. ``create_embedder``
+picks the fastest that works here and says why in the log, so the same code
+serves on a laptop, in CI and on a GPU box. Preprocessing follows the bundle's
+``input`` spec, so a model is fed exactly as it was exported.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+from facegate.core.bundle import Bundle
+from facegate.core.errors import BundleError, FacegateError
+
+__all__ = [
+    "RUNTIMES",
+    "Embedder",
+    "OnnxEmbedder",
+    "check_crops",
+    "create_embedder",
+    "l2_normalise",
+    "preprocess",
+]
+
+log = logging.getLogger(__name__)
+
+RUNTIMES = ("auto", "tensorrt", "onnxruntime-cuda", "onnxruntime-cpu")
+_CUDA = "CUDAExecutionProvider"
+_CPU = "CPUExecutionProvider"
+
+
+@runtime_checkable
+class Embedder(Protocol):
+    embedding_size: int
+    runtime: str
+
+    def embed(self, crops: np.ndarray) -> np.ndarray:
+        """(N, 112, 112, 3) uint8 RGB crops -> (N, D) float32, unit L2 norm."""
+        ...
+
+
+def check_crops(crops: np.ndarray, size: tuple[int, int] = (112, 112)) -> np.ndarray:
+    """Raise a clear ValueError unless ``crops`` is (N, H, W, 3) uint8 with (H, W) = size."""
+    if not isinstance(crops, np.ndarray):
+        raise ValueError(f"crops must be a numpy array, got {type(crops).__name__}")
+    if crops.dtype != np.uint8:
+        raise ValueError(f"crops must be uint8, got {crops.dtype}")
+    expected = (size[0], size[1], 3)
+    if crops.ndim != 4 or crops.shape[1:] != expected:
+        raise ValueError(f"crops must have shape (N, {expected[0]}, {expected[1]}, 3), got {crops.shape}")
+    return crops
+
+
+def preprocess(crops: np.ndarray, input_spec: dict) -> np.ndarray:
+    """uint8 RGB (N, H, W, 3) -> float32 per the bundle's input spec (colour, mean/std, layout)."""
+    x = crops[..., ::-1] if input_spec["color"] == "BGR" else crops
+    mean = np.asarray(input_spec["mean"], dtype=np.float32)
+    std = np.asarray(input_spec["std"], dtype=np.float32)
+    x = (x.astype(np.float32) - mean) / std
+    if input_spec["layout"] == "NCHW":
+        x = x.transpose(0, 3, 1, 2)
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def l2_normalise(x: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return (x / np.maximum(norms, 1e-12)).astype(np.float32)
+
+
+def _default_providers() -> list[str]:
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    return [_CUDA, _CPU] if _CUDA in available else [_CPU]
+
+
+class OnnxEmbedder:
+    """ONNX Runtime session over the bundle's ``embedder.onnx``.
+
+    Batches are cut into chunks of ``max_batch`` (or the model's fixed batch size,
+    padding the last chunk). With ``flip`` the raw embeddings of each crop and of
+    its horizontal mirror are summed before normalising (UniTSFace's evaluation).
+    """
+
+    def __init__(
+        self,
+        bundle: Bundle,
+        providers: list[str] | None = None,
+        flip: bool = False,
+        intra_op_threads: int | None = None,
+        max_batch: int = 64,
+    ) -> None:
+        import onnxruntime as ort
+
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if intra_op_threads is not None:
+            options.intra_op_num_threads = intra_op_threads
+        self._session = ort.InferenceSession(
+            str(bundle.onnx_path), sess_options=options, providers=providers or _default_providers()
+        )
+        self.runtime = (
+            "onnxruntime-cuda" if self._session.get_providers()[0] == _CUDA else "onnxruntime-cpu"
+        )
+        self.embedding_size = bundle.embedding_size
+        self.flip = flip
+        self._input_spec = bundle.input_spec
+        self._input_name = bundle.input_spec["name"]
+        self._output_name = bundle.output_name
+        batch_dim = self._session.get_inputs()[0].shape[0]
+        self._fixed_batch = batch_dim if isinstance(batch_dim, int) and batch_dim > 0 else None
+        self.max_batch = self._fixed_batch or max_batch
+        output_dims = self._session.get_outputs()[0].shape
+        if isinstance(output_dims[-1], int) and output_dims[-1] != self.embedding_size:
+            raise BundleError(
+                f"{bundle.onnx_path.name}: output has {output_dims[-1]} dimensions, "
+                f"bundle says {self.embedding_size}"
+            )
+
+    def _run(self, x: np.ndarray) -> np.ndarray:
+        n = x.shape[0]
+        if self._fixed_batch and n < self._fixed_batch:
+            pad = np.zeros((self._fixed_batch - n, *x.shape[1:]), dtype=x.dtype)
+            x = np.concatenate([x, pad])
+        out = self._session.run([self._output_name], {self._input_name: x})[0]
+        return np.asarray(out, dtype=np.float32)[:n]
+
+    def raw(self, crops: np.ndarray) -> np.ndarray:
+        """Un-normalised model output (N, D) float32 for validated crops (no flip)."""
+        h, w = self._input_spec["size"]
+        check_crops(crops, (h, w))
+        out = np.empty((crops.shape[0], self.embedding_size), dtype=np.float32)
+        for start in range(0, crops.shape[0], self.max_batch):
+            chunk = crops[start : start + self.max_batch]
+            out[start : start + chunk.shape[0]] = self._run(preprocess(chunk, self._input_spec))
+        return out
+
+    def embed(self, crops: np.ndarray) -> np.ndarray:
+        raw = self.raw(crops)
+        if self.flip:
+            raw = raw + self.raw(np.ascontiguousarray(crops[:, :, ::-1]))
+        return l2_normalise(raw)
+
+
+def _try_tensorrt(bundle: Bundle, flip: bool) -> Embedder | None:
+    """The TensorRT embedder, or None (logging why) when it cannot run here."""
+    try:
+        from facegate.core.embed_tensorrt import TensorRTEmbedder, TensorRTUnavailable
+    except ImportError as exc:
+        log.info("TensorRT runtime not available: %s", exc)
+        return None
+    try:
+        embedder = TensorRTEmbedder.from_bundle(bundle)
+    except TensorRTUnavailable as exc:
+        log.info("TensorRT runtime not available: %s", exc)
+        return None
+    except (FacegateError, OSError) as exc:  # e.g. a CUDA driver error while loading the engine
+        log.warning("TensorRT engine failed to load, falling back: %s", exc)
+        return None
+    if flip:
+        if not hasattr(embedder, "flip"):
+            log.info("TensorRT embedder has no flip support; falling back to ONNX Runtime")
+            return None
+        embedder.flip = True
+    return embedder
+
+
+def create_embedder(bundle: Bundle, *, runtime: str = "auto", flip: bool = False) -> Embedder:
+    """Build the embedder for ``runtime`` ("auto" = TensorRT, else ORT CUDA, else ORT CPU).
+
+    An explicit runtime that cannot run here raises ``BundleError`` instead of
+    silently falling back.
+    """
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
+    embedder: Embedder | None = None
+    if runtime in ("auto", "tensorrt"):
+        embedder = _try_tensorrt(bundle, flip)
+        if embedder is None and runtime == "tensorrt":
+            raise BundleError(f"{bundle.path}: TensorRT runtime requested but unavailable (see log)")
+    if embedder is None and runtime == "onnxruntime-cuda":
+        if _CUDA not in _default_providers():
+            raise BundleError("onnxruntime-cuda requested but CUDAExecutionProvider is unavailable")
+        embedder = OnnxEmbedder(bundle, providers=[_CUDA, _CPU], flip=flip)
+        if embedder.runtime != "onnxruntime-cuda":
+            raise BundleError("onnxruntime-cuda requested but the CUDA session failed (see log)")
+    if embedder is None:
+        providers = [_CPU] if runtime == "onnxruntime-cpu" else None
+        embedder = OnnxEmbedder(bundle, providers=providers, flip=flip)
+    log.info("embedder for %s: %s (flip=%s)", bundle.model_id, embedder.runtime, flip)
+    return embedder
