@@ -1,0 +1,115 @@
+"""Every failure leaves the server as one JSON envelope: ``{"error": {"code", "message"}}``.
+
+Core errors already carry ``code`` and ``status`` (``facegate.core.errors``); the few
+server-only failures are subclasses here, and :func:`install_error_handlers` maps all
+of them, FastAPI's validation errors and stray HTTP exceptions exactly once.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from facegate.core.errors import FacegateError
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger("facegate.server")
+
+
+class MissingAPIKey(FacegateError):
+    code = "missing_api_key"
+    status = 401
+
+
+class WrongAPIKey(FacegateError):
+    code = "forbidden"
+    status = 403
+
+
+class ThresholdOverrideForbidden(FacegateError):
+    code = "threshold_override_forbidden"
+    status = 403
+
+
+class RequestTooLarge(FacegateError):
+    code = "request_too_large"
+    status = 413
+
+
+class InvalidRequest(FacegateError):
+    """A request that parsed but does not make sense (bad metadata JSON, missing image)."""
+
+    code = "validation_error"
+    status = 422
+
+
+class UnsupportedBody(FacegateError):
+    """The request body is neither multipart/form-data nor JSON."""
+
+    code = "unsupported_media_type"
+    status = 415
+
+
+class NoUsableImage(FacegateError):
+    code = "no_usable_image"
+    status = 422
+
+
+class NotReady(FacegateError):
+    code = "not_ready"
+    status = 503
+
+
+_HTTP_CODES = {
+    400: "bad_request",
+    401: "missing_api_key",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "request_too_large",
+    415: "unsupported_media_type",
+    422: "validation_error",
+    503: "not_ready",
+}
+
+
+def error_body(code: str, message: str) -> dict:
+    return {"error": {"code": code, "message": message}}
+
+
+def error_response(status: int, code: str, message: str) -> JSONResponse:
+    return JSONResponse(error_body(code, message), status_code=status)
+
+
+def _validation_message(exc: RequestValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+        parts.append(f"{where}: {err.get('msg', 'invalid')}" if where else err.get("msg", ""))
+    return "; ".join(parts) or "invalid request"
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Register the one mapping from exceptions to the JSON envelope."""
+
+    @app.exception_handler(FacegateError)
+    async def _facegate(_: Request, exc: FacegateError) -> JSONResponse:
+        return error_response(exc.status, exc.code, exc.message)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(422, "validation_error", _validation_message(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = _HTTP_CODES.get(exc.status_code, "http_error")
+        return JSONResponse(
+            error_body(code, str(exc.detail)), status_code=exc.status_code, headers=exc.headers
+        )
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error", exc_info=exc)
+        return error_response(500, "internal_error", "internal server error")

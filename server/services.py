@@ -1,0 +1,128 @@
+"""The long-lived parts the lifespan builds once: bundle, embedder, detector pool, gallery.
+
+The gallery is thread-safe (one writer at a time, many readers, each thread with its
+own SQLite connection), so :class:`GalleryWorker` runs its calls on a small dedicated
+pool: off the event loop, and never starved by the detector threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import numpy as np
+from facegate.core.bundle import Bundle, load_bundle
+from facegate.core.detect import create_detector
+from facegate.core.embed import Embedder, create_embedder
+from facegate.gallery import Gallery
+from facegate.server.batching import MicroBatcher
+from facegate.server.metrics import ServerMetrics
+from facegate.server.pipeline import FacePipeline
+from facegate.server.settings import Settings
+
+T = TypeVar("T")
+
+
+class GalleryWorker:
+    """Owns a :class:`Gallery`; ``await worker.call(fn)`` runs ``fn(gallery)`` on its pool."""
+
+    def __init__(self, opener: Callable[[], Gallery], *, workers: int = 4) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="gallery")
+        self._opener = opener
+        self.gallery: Gallery | None = None
+
+    async def open(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.gallery = await loop.run_in_executor(self._executor, self._opener)
+
+    async def call(self, fn: Callable[[Gallery], T]) -> T:
+        gallery = self.gallery
+        assert gallery is not None, "gallery is not open"
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, fn, gallery)
+
+    async def close(self) -> None:
+        if self.gallery is not None:
+            gallery, self.gallery = self.gallery, None
+            await asyncio.get_running_loop().run_in_executor(self._executor, gallery.close)
+        self._executor.shutdown(wait=True)
+
+
+@dataclass
+class Services:
+    settings: Settings
+    bundle: Bundle
+    embedder: Embedder
+    pipeline: FacePipeline
+    batcher: MicroBatcher
+    gallery: GalleryWorker
+    metrics: ServerMetrics
+
+    async def embed(self, crops: np.ndarray) -> tuple[np.ndarray, float]:
+        """L2-normalised embeddings of ``crops`` and the seconds spent waiting for them."""
+        t0 = time.perf_counter()
+        embeddings = await self.batcher.embed(crops)
+        seconds = time.perf_counter() - t0
+        self.metrics.stage.labels("embed").observe(seconds)
+        return embeddings, seconds
+
+    async def refresh_gallery_size(self) -> dict[str, Any]:
+        stats = await self.gallery.call(lambda g: g.stats())
+        self.metrics.set_gallery_size(int(stats.get("identities", 0)), int(stats.get("templates", 0)))
+        return stats
+
+
+def _detector_factory(settings: Settings) -> Callable[[], Any]:
+    if settings.detector == "scrfd":
+        return lambda: create_detector("scrfd", path=settings.detector_model)
+    return lambda: create_detector("dlib", upsample=settings.detector_upsample)
+
+
+async def start_services(settings: Settings, metrics: ServerMetrics) -> Services:
+    """Load everything once; raises BundleError for a missing or tampered bundle."""
+    loop = asyncio.get_running_loop()
+    bundle = await loop.run_in_executor(None, load_bundle, settings.bundle)
+    embedder = await loop.run_in_executor(
+        None, lambda: create_embedder(bundle, runtime=settings.runtime)
+    )
+    pipeline = FacePipeline(
+        _detector_factory(settings),
+        policy=settings.face_policy,
+        max_bytes=settings.max_image_bytes,
+        max_pixels=settings.max_image_pixels,
+        workers=settings.cpu_workers,
+    )
+    await pipeline.warm_up()
+    batcher = MicroBatcher(
+        embedder.embed,
+        max_batch=settings.batch_max_size,
+        max_wait_ms=settings.batch_max_wait_ms,
+        enabled=settings.batching,
+        on_batch=metrics.batch_size.observe,
+    )
+    await batcher.start()
+    await batcher.embed(np.zeros((1, 112, 112, 3), np.uint8))  # warm the runtime
+    settings.gallery.parent.mkdir(parents=True, exist_ok=True)
+    gallery = GalleryWorker(
+        lambda: Gallery(
+            settings.gallery,
+            model_id=bundle.model_id,
+            embedding_size=bundle.embedding_size,
+            index=settings.index,
+            keep_crops=settings.keep_crops,
+        )
+    )
+    await gallery.open()
+    services = Services(settings, bundle, embedder, pipeline, batcher, gallery, metrics)
+    await services.refresh_gallery_size()
+    return services
+
+
+async def stop_services(services: Services) -> None:
+    await services.batcher.stop()
+    services.pipeline.close()
+    await services.gallery.close()

@@ -1,0 +1,55 @@
+"""Server settings, read once from ``FACEGATE_*`` environment variables (pydantic-settings).
+
+One typed object instead of scattered ``os.environ`` look-ups, so the CLI, the tests
+and a container all configure the server the same way.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Everything an operator may tune; defaults serve ``models/default`` on CPU."""
+
+    model_config = SettingsConfigDict(env_prefix="FACEGATE_", extra="ignore")
+
+    bundle: Path = Field(Path("models/default"), description="model bundle folder")
+    gallery: Path = Field(Path("var/gallery.sqlite"), description="gallery SQLite file")
+    api_key: str | None = Field(None, description="X-API-Key required on /v1 when set")
+    admin_key: str | None = Field(
+        None, description="X-Admin-Key required to enrol and delete when set"
+    )
+    detector: Literal["dlib", "scrfd"] = "dlib"
+    detector_model: Path | None = Field(None, description="SCRFD ONNX file (detector=scrfd)")
+    detector_upsample: int = Field(1, ge=0, le=3, description="dlib HOG upsampling steps")
+    face_policy: Literal["largest", "strict"] = Field(
+        "largest", description="largest face, or reject images with several faces"
+    )
+    runtime: str = Field("auto", description="embedder runtime: auto|tensorrt|onnxruntime-cuda|onnxruntime-cpu")
+    max_image_bytes: int = Field(10_000_000, gt=0)
+    max_image_pixels: int = Field(40_000_000, gt=0)
+    max_request_bytes: int = Field(25_000_000, gt=0, description="whole request body limit")
+    allow_threshold_override: bool = False
+    batching: bool = Field(True, description="micro-batch embeddings across requests")
+    batch_max_size: int = Field(32, ge=1)
+    batch_max_wait_ms: float = Field(2.0, ge=0)
+    cpu_workers: int = Field(4, ge=1, description="threads for decode/detect/align")
+    index: str = Field("flat", description="FAISS index kind of the gallery")
+    keep_crops: bool = Field(False, description="store aligned crops with templates")
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="comma-separated allowed origins; empty = CORS off"
+    )
+    target_far: float = Field(1e-3, gt=0, lt=1, description="FAR target of the consistency report")
+    metrics_worst_n: int = Field(10, ge=0, description="identities exported as FRR/FAR gauges")
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [origin.strip() for origin in value.split(",") if origin.strip()]
+        return value
