@@ -124,7 +124,7 @@ def _nonempty_str(manifest: dict[str, Any], key: str, where: str = "manifest") -
 
 def _validate_normalisation(spec: dict[str, Any], key: str) -> None:
     value = spec.get(key)
-    values = value if isinstance(value, list) else [value]
+    values: list[Any] = value if isinstance(value, list) else [value]
     if len(values) not in (1, 3) or not all(_is_number(v) for v in values):
         raise BundleError(f"manifest: input.{key} must be a number or 3 numbers, got {value!r}")
     if key == "std" and not all(v > 0 for v in values):
@@ -193,7 +193,7 @@ def validate_manifest(manifest: Any) -> None:
     if not isinstance(output, dict):
         raise BundleError(f"manifest: 'output' must be an object, got {output!r}")
     _nonempty_str(output, "name", "manifest output")
-    threshold = manifest.get("threshold")
+    threshold: Any = manifest.get("threshold")
     if not _is_number(threshold) or not -1.0 < threshold < 1.0:
         raise BundleError(f"manifest: 'threshold' must be a number in (-1, 1), got {threshold!r}")
     _nonempty_str(manifest, "threshold_source")
