@@ -1,0 +1,238 @@
+"""Losses: hand-computed values on tiny inputs, float64 gradchecks, USS memory and threshold."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from facegate.train.losses import (
+    ArcFace,
+    CombinedMarginLoss,
+    CosFace,
+    NormSoftmax,
+    USSLoss,
+)
+from torch.autograd import gradcheck
+from torch.func import functional_call
+
+
+def softplus(x: float) -> float:
+    return math.log1p(math.exp(x))
+
+
+def t(rows) -> torch.Tensor:
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+@pytest.fixture(autouse=True)
+def _seeded() -> None:
+    torch.manual_seed(0)
+
+
+# ---------------------------------------------------------------- sample-to-class
+
+
+def _unit_weights(loss: CombinedMarginLoss) -> CombinedMarginLoss:
+    loss.double()
+    with torch.no_grad():
+        loss.weight.copy_(t([[2.0, 0.0], [0.0, 3.0]]))  # normalised: e1, e2
+    return loss
+
+
+def test_cosface_hand_computed() -> None:
+    loss = _unit_weights(CosFace(2, 2, s=2.0, margin=0.4))
+    emb, labels = t([[3.0, 4.0], [0.0, 2.0]]), torch.tensor([0, 1])
+    # sample 0: cos (0.6, 0.8), target 2*(0.6-0.4)=0.4, other 1.6 -> CE = log(1+e^1.2)
+    # sample 1: cos (0, 1),     target 2*(1-0.4)=1.2,   other 0   -> CE = log(1+e^-1.2)
+    expected = (softplus(1.2) + softplus(-1.2)) / 2
+    assert loss(emb, labels).item() == pytest.approx(expected, abs=1e-12)
+    logits = loss.logits(emb, labels)
+    assert logits[0, 1].item() == pytest.approx(1.6)  # non-target logits are s*cos
+    assert logits[0, 0].item() == pytest.approx(0.4)
+
+
+def test_arcface_hand_computed_including_fallback() -> None:
+    loss = _unit_weights(ArcFace(2, 2, s=2.0, margin=0.5))
+    emb, labels = t([[0.6, 0.8], [-0.96, 0.28]]), torch.tensor([0, 0])
+    # sample 0: theta=acos(0.6) < pi-0.5, target cos(theta+0.5) = 0.6cos.5 - 0.8sin.5
+    target0 = 0.6 * math.cos(0.5) - 0.8 * math.sin(0.5)
+    # sample 1: cos=-0.96 < th=cos(pi-0.5): fallback cos - sin(pi-0.5)*0.5
+    assert math.acos(-0.96) > math.pi - 0.5
+    target1 = -0.96 - math.sin(math.pi - 0.5) * 0.5
+    expected = (softplus(1.6 - 2 * target0) + softplus(0.56 - 2 * target1)) / 2
+    assert loss(emb, labels).item() == pytest.approx(expected, abs=1e-12)
+
+
+def test_norm_softmax_is_plain_scaled_cosine_softmax() -> None:
+    loss = _unit_weights(NormSoftmax(2, 2, s=2.0))
+    emb, labels = t([[3.0, 4.0]]), torch.tensor([0])
+    assert loss(emb, labels).item() == pytest.approx(softplus(2 * (0.8 - 0.6)), abs=1e-12)
+
+
+def test_arcface_target_logit_is_monotonic_in_theta() -> None:
+    loss = ArcFace(2, 2, s=64.0, margin=0.5).double()
+    theta = torch.linspace(0, math.pi, 2001, dtype=torch.float64)
+    target = loss.target_cosine(torch.cos(theta))
+    assert (target[1:] - target[:-1] <= 1e-12).all()
+    naive = torch.cos(theta + 0.5)  # what the fallback prevents: rising again past pi - m
+    assert (naive[1:] - naive[:-1] > 0).any()
+
+
+def test_combined_margin_weight_init() -> None:
+    loss = CombinedMarginLoss(1000, 64)
+    assert loss.weight.shape == (1000, 64)
+    assert loss.weight.std().item() == pytest.approx(0.01, rel=0.05)
+
+
+@pytest.mark.parametrize("factory", [CosFace, ArcFace])
+def test_sample_to_class_gradcheck(factory) -> None:
+    loss = factory(3, 4, s=4.0).double()
+    emb = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([0, 1, 2, 0, 1])
+    assert gradcheck(
+        lambda e, w: functional_call(loss, {"weight": w}, (e, labels)), (emb, weight)
+    )
+
+
+# ---------------------------------------------------------------- USS and memory
+
+
+def _uss_fixture(s: float = 2.0, m: float = 0.1) -> USSLoss:
+    """Classes 0, 1 in memory at e1, e2; class 2 never seen."""
+    loss = USSLoss(3, 2, s=s, m=m).double()
+    loss.update_memory(t([[5.0, 0.0], [0.0, 0.5]]), torch.tensor([0, 1]))
+    return loss
+
+
+def test_uss_hand_computed() -> None:
+    loss = _uss_fixture()
+    with torch.no_grad():
+        loss.bias.fill_(0.5)
+    loss.bias_initialised.fill_(True)
+    emb, labels = t([[0.6, 0.8], [0.8, 0.6]]), torch.tensor([0, 2])
+    # sample 0 (class 0): positive cos 0.6 -> softplus(-(2*(0.6-0.1) - 0.5)) = softplus(-0.5)
+    #                     negative class 1, cos 0.8 -> softplus(2*0.8 - 0.5) = softplus(1.1)
+    # sample 1 (class 2, not in memory): no positive term;
+    #                     negatives: class 0 cos 0.8 -> softplus(1.1), class 1 cos 0.6 -> softplus(0.7)
+    expected = (softplus(-0.5) + softplus(1.1) + softplus(1.1) + softplus(0.7)) / 2
+    assert loss(emb, labels).item() == pytest.approx(expected, abs=1e-12)
+    assert loss.threshold == pytest.approx(0.25)
+
+
+def test_uss_clamps_exponent_arguments() -> None:
+    loss = _uss_fixture()
+    with torch.no_grad():
+        loss.bias.fill_(-3.0)
+    loss.bias_initialised.fill_(True)
+    emb, labels = t([[0.6, 0.8]]), torch.tensor([0])
+    # positive: -(2*0.5 + 3) = -4 -> clamped to -2; negative: 1.6 + 3 = 4.6 -> clamped to 2
+    assert loss(emb, labels).item() == pytest.approx(softplus(-2.0) + softplus(2.0), abs=1e-12)
+
+
+def test_uss_bias_initialised_once_from_negative_logsumexp() -> None:
+    loss = _uss_fixture()
+    emb, labels = t([[0.6, 0.8], [0.8, 0.6]]), torch.tensor([0, 2])
+    loss(emb, labels)
+    # sample 0: negatives {class 1: 2*0.8}; sample 1: negatives {class 0: 1.6, class 1: 1.2}
+    expected = (1.6 + math.log(math.exp(1.6) + math.exp(1.2))) / 2
+    assert loss.bias.item() == pytest.approx(expected, abs=1e-12)
+    assert bool(loss.bias_initialised)
+    loss(t([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([1, 0]))
+    assert loss.bias.item() == pytest.approx(expected, abs=1e-12)  # not re-initialised
+
+
+def test_uss_empty_memory_contributes_nothing_and_defers_init() -> None:
+    loss = USSLoss(3, 2, s=2.0).double()
+    emb = t([[0.6, 0.8], [0.8, 0.6]]).requires_grad_()
+    value = loss(emb, torch.tensor([0, 1]))
+    assert value.item() == 0.0
+    value.backward()  # graph stays valid
+    assert torch.equal(emb.grad, torch.zeros_like(emb))
+    assert not bool(loss.bias_initialised)
+
+
+def test_uss_unfilled_classes_are_masked() -> None:
+    loss = _uss_fixture()
+    loss.bias_initialised.fill_(True)
+    emb, labels = t([[0.6, 0.8], [0.8, 0.6]]), torch.tensor([0, 2])
+    before = loss(emb, labels).item()
+    with torch.no_grad():
+        loss.memory[2] = t([0.6, 0.8])  # written without being filled: must stay invisible
+    assert loss(emb, labels).item() == before
+    loss.filled[2] = True
+    assert loss(emb, labels).item() != before
+
+
+def test_update_memory_last_sample_wins() -> None:
+    loss = USSLoss(4, 2)
+    emb = torch.tensor([[1.0, 0.0], [0.0, 2.0], [3.0, 4.0], [0.0, -1.0]])
+    loss.update_memory(emb, torch.tensor([1, 0, 1, 1]))
+    assert loss.filled.tolist() == [True, True, False, False]
+    assert torch.allclose(loss.memory[1], torch.tensor([0.0, -1.0]))  # last of three
+    assert torch.allclose(loss.memory[0], torch.tensor([0.0, 1.0]))  # normalised
+    assert torch.equal(loss.memory[2], torch.zeros(2))
+    emb.requires_grad_()
+    loss.update_memory(emb * 2, torch.tensor([2, 2, 2, 3]))
+    assert not loss.memory.requires_grad
+    assert torch.allclose(loss.memory[2], torch.tensor([0.6, 0.8]))
+
+
+def test_uss_state_dict_keeps_memory_and_bias_flag() -> None:
+    loss = _uss_fixture()
+    loss(t([[0.6, 0.8]]), torch.tensor([0]))
+    state = loss.state_dict()
+    assert {"memory", "filled", "bias", "bias_initialised"} <= set(state)
+    restored = USSLoss(3, 2, s=2.0).double()
+    restored.load_state_dict(state)
+    assert restored.bias.item() == loss.bias.item() and bool(restored.bias_initialised)
+
+
+def test_uss_gradcheck_embeddings_and_bias() -> None:
+    loss = USSLoss(4, 3, s=4.0, m=0.1).double()
+    loss.update_memory(torch.randn(3, 3, dtype=torch.float64), torch.tensor([0, 1, 2]))
+    loss.bias_initialised.fill_(True)
+    emb = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    bias = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([0, 1, 2, 3, 0])
+    assert gradcheck(lambda e, b: functional_call(loss, {"bias": b}, (e, labels)), (emb, bias))
+
+
+def _separable_toy(per_class: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """4 classes in 64-d: cos ~0.9 within a class, ~0.1 between classes (small jitter)."""
+    generator = torch.Generator().manual_seed(seed)
+    basis = torch.linalg.qr(torch.randn(64, 64, generator=generator, dtype=torch.float64))[0]
+    common, centres, own = basis[0], basis[1:5], basis[5 : 5 + 4 * per_class]
+    labels = torch.arange(4).repeat_interleave(per_class)
+    emb = math.sqrt(0.1) * common + math.sqrt(0.8) * centres[labels] + math.sqrt(0.1) * own
+    emb = emb + 0.02 * torch.randn(emb.shape, generator=generator, dtype=torch.float64)
+    return emb, labels
+
+
+@pytest.mark.parametrize("start", [None, -0.2, 0.95])
+def test_uss_learns_threshold_between_negatives_and_positives(start: float | None) -> None:
+    """Only b is trained, embeddings fixed: t = b/s ends strictly inside the gap."""
+    everything, all_labels = _separable_toy(7, seed=1)
+    first = torch.arange(4) * 7  # one sample per class fills the memory, the rest is the batch
+    rest = torch.ones(28, dtype=torch.bool)
+    rest[first] = False
+    bank, bank_labels = everything[first], all_labels[first]
+    emb, labels = everything[rest], all_labels[rest]
+    loss = USSLoss(4, 64).double()
+    loss.update_memory(bank, bank_labels)
+    if start is not None:
+        with torch.no_grad():
+            loss.bias.fill_(start * loss.s)
+        loss.bias_initialised.fill_(True)
+    cos = torch.nn.functional.normalize(emb, dim=1) @ loss.memory.t()
+    own = torch.nn.functional.one_hot(labels, 4).bool()
+    max_negative, min_positive = cos[~own].max().item(), cos[own].min().item()
+    assert max_negative < min_positive
+    loss(emb, labels)  # initialises b when start is None
+    optimiser = torch.optim.SGD([loss.bias], lr=0.5)
+    for _ in range(300):
+        optimiser.zero_grad()
+        loss(emb, labels).backward()
+        optimiser.step()
+    assert max_negative < loss.threshold < min_positive
