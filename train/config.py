@@ -107,9 +107,9 @@ class TrainConfig:
 
 @dataclass
 class AugmentConfig:
-    flip: bool = True
-    shift: int = 4  # max random translation in pixels
-    color: float = 0.2  # brightness/contrast jitter amplitude
+    flip: bool = True  # random horizontal flip (data.CropDataset flips whenever it augments)
+    min_scale: float = 0.85  # random resized crop of >= this area: scale + shift (1 = off)
+    color: float = 0.0  # brightness/contrast/saturation jitter amplitude (0 = off)
 
 
 @dataclass
@@ -228,7 +228,7 @@ def validate(cfg: Config) -> None:
         if flat[key] <= 0:
             raise ConfigError(f"{key} must be > 0, got {flat[key]}")
     non_negative = ("data.holdout", "loss.margin", "optim.weight_decay", "optim.warmup_epochs",
-                    "loss.uss.start_epoch", "augment.shift", "augment.color")
+                    "loss.uss.start_epoch", "augment.color")
     for key in non_negative:
         if flat[key] < 0:
             raise ConfigError(f"{key} must be >= 0, got {flat[key]}")
@@ -236,6 +236,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError("train.p must be >= 2 (a batch needs negative pairs)")
     if cfg.loss.distill.enabled and not cfg.data.teacher:
         raise ConfigError("loss.distill.enabled needs data.teacher (an .npz of teacher embeddings)")
+    if not 0 < cfg.augment.min_scale <= 1:
+        raise ConfigError(f"augment.min_scale must be in (0, 1], got {cfg.augment.min_scale}")
+    if not cfg.augment.flip and (cfg.augment.min_scale < 1 or cfg.augment.color > 0):
+        raise ConfigError("augment.flip=false needs min_scale=1 and color=0: the crop dataset "
+                          "flips whenever it augments")
     if cfg.loss.tcm.enabled and cfg.train.k < 2:
         raise ConfigError("loss.tcm needs train.k >= 2 so a batch holds positive pairs")
 

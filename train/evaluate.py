@@ -1,0 +1,317 @@
+"""``facegate evaluate MODEL DATA``: verification figures of a model on held-out pairs.
+
+MODEL is an exported bundle folder (embedded through ``facegate.core.embed``, the
+same runtime the server uses) or a training checkpoint ``.pt`` (embedded with
+torch). DATA is a prepared crops folder (pairs: every genuine pair plus as many
+seeded random impostor pairs) or an insightface ``.bin`` set. The model's own
+threshold t is applied as is: nothing is tuned on the test pairs except the
+10-fold accuracy's per-fold threshold, which is the protocol.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from facegate.core import metrics
+from facegate.core.errors import FacegateError
+from tqdm import tqdm
+
+FARS = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
+OPIS_POINTS = 101
+Embed = Callable[[np.ndarray], np.ndarray]
+
+
+class EvaluationError(FacegateError):
+    """The model or the evaluation data cannot be used as given."""
+
+    code = "evaluation_invalid"
+    status = 400
+
+
+# ---------------------------------------------------------------- pure math
+
+
+def pair_scores(embeddings: np.ndarray, first: np.ndarray, second: np.ndarray) -> np.ndarray:
+    """Cosine of each pair of L2-normalised embeddings."""
+    return np.einsum("nd,nd->n", embeddings[first], embeddings[second]).astype(np.float64)
+
+
+def best_accuracy_threshold(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Threshold (accept ``score >= t``) maximising accuracy: midpoint between adjacent scores."""
+    s = np.asarray(scores, dtype=np.float64)
+    y = np.asarray(labels, dtype=bool)
+    u = np.unique(s)
+    edges = np.append(u, np.inf)
+    genuine, impostor = np.sort(s[y]), np.sort(s[~y])
+    correct = genuine.size - np.searchsorted(genuine, edges) + np.searchsorted(impostor, edges)
+    k = int(np.flatnonzero(correct == correct.max())[-1])
+    if k == 0:
+        return float(u[0] - 1e-6)
+    if k == u.size:
+        return float(u[-1] + 1e-6)
+    return float((u[k - 1] + u[k]) / 2.0)
+
+
+def reachable_fars(impostors: int, fars: Sequence[float] = FARS) -> list[float]:
+    """FAR targets the impostor count can measure: at least 10 / FAR impostor pairs."""
+    return [f for f in fars if impostors >= 10.0 / f - 1e-9]
+
+
+def far_key(far: float) -> str:
+    return f"tar@far={far:.0e}".replace("e-0", "e-")
+
+
+def verification_metrics(
+    scores: np.ndarray, labels: np.ndarray, threshold: float | None, fars: Sequence[float] = FARS
+) -> dict[str, Any]:
+    """10-fold accuracy, TAR@FAR where measurable, and accuracy at the model's threshold."""
+    scores = np.asarray(scores, dtype=np.float64)
+    labels = np.asarray(labels, dtype=bool)
+    mean, std = metrics.kfold_accuracy(scores, labels, folds=10, seed=0)
+    out: dict[str, Any] = {
+        "pairs": int(labels.size),
+        "genuine_pairs": int(labels.sum()),
+        "impostor_pairs": int((~labels).sum()),
+        "accuracy": float(mean),
+        "accuracy_std": float(std),
+    }
+    for far in reachable_fars(int((~labels).sum()), fars):
+        tar, thr = metrics.tar_at_far(scores, labels, far)
+        out[far_key(far)] = float(tar)
+        out[far_key(far).replace("tar@", "threshold@")] = float(thr)
+    out["threshold"] = threshold
+    out["accuracy@t"] = None if threshold is None else float(metrics.accuracy_at(scores, labels, threshold))
+    return out
+
+
+def identity_metrics(
+    scores: np.ndarray,
+    labels: np.ndarray,
+    id_first: np.ndarray,
+    id_second: np.ndarray,
+    threshold: float | None,
+    points: int = OPIS_POINTS,
+) -> dict[str, Any]:
+    """OPIS / 10%-OPIS over identities and each identity's best threshold, FRR and FAR at t.
+
+    Utility: F1 of accept/reject over the identity's genuine and impostor pairs. The
+    calibration range runs from the global threshold at FAR 1e-1 to the one at the
+    lowest FAR the impostor count measures: the span an operator chooses from.
+    """
+    labels = np.asarray(labels, dtype=bool)
+    genuine: dict[Any, list[float]] = defaultdict(list)
+    impostor: dict[Any, list[float]] = defaultdict(list)
+    for s, same, a, b in zip(scores, labels, id_first, id_second, strict=True):
+        bucket = genuine if same else impostor
+        bucket[a].append(float(s))
+        if b != a:
+            bucket[b].append(float(s))
+    fars = reachable_fars(int((~labels).sum()))
+    out: dict[str, Any] = {"utility": "f1", "points": points}
+    if len(fars) >= 2:
+        d_min = metrics.threshold_at_far(scores[~labels], fars[0])
+        d_max = metrics.threshold_at_far(scores[~labels], fars[-1])
+    else:
+        d_min, d_max = float(scores.min()), float(scores.max())
+    out["range"] = [float(d_min), float(d_max)]
+    out["range_fars"] = [fars[0], fars[-1]] if len(fars) >= 2 else None
+    if d_max > d_min and genuine:
+        grid = np.linspace(d_min, d_max, points)
+        names, utilities = metrics.per_identity_utilities(genuine, impostor, grid)
+        out["identities"] = len(names)
+        out["opis"] = float(metrics.opis(utilities, grid))
+        out["opis_10"] = float(metrics.epsilon_opis(utilities, grid, epsilon=0.1))
+    else:
+        out.update(identities=len(genuine), opis=None, opis_10=None)
+    per_identity = {}
+    for name in sorted(genuine, key=str):
+        g, i = np.asarray(genuine[name]), np.asarray(impostor.get(name, []))
+        row: dict[str, Any] = {"genuine": int(g.size), "impostor": int(i.size)}
+        if i.size:
+            both = np.concatenate([g, i])
+            same = np.concatenate([np.ones(g.size, bool), np.zeros(i.size, bool)])
+            row["best_threshold"] = best_accuracy_threshold(both, same)
+        if threshold is not None:
+            row["frr@t"] = float(np.mean(g < threshold))
+            row["far@t"] = float(np.mean(i >= threshold)) if i.size else None
+        per_identity[str(name)] = row
+    out["per_identity"] = per_identity
+    return out
+
+
+# ---------------------------------------------------------------- embedding
+
+
+def embed_torch(
+    backbone: Any,
+    images: np.ndarray,
+    *,
+    device: Any = "cpu",
+    batch_size: int = 128,
+    flip: bool = True,
+    progress: bool = False,
+) -> np.ndarray:
+    """L2-normalised embeddings of uint8 RGB crops; with ``flip`` the sum with the mirror image."""
+    import torch
+
+    was_training = backbone.training
+    backbone.eval()
+    chunks = []
+    with torch.inference_mode():
+        for start in tqdm(range(0, len(images), batch_size), desc="embed", disable=not progress):
+            batch = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size]))
+            x = batch.to(device).permute(0, 3, 1, 2).float().sub_(127.5).div_(127.5)
+            e = backbone(x).float()
+            if flip:
+                e = e + backbone(torch.flip(x, dims=[3])).float()
+            chunks.append(torch.nn.functional.normalize(e, dim=1).cpu().numpy())
+    backbone.train(was_training)
+    if not chunks:
+        return np.zeros((0, 0), dtype=np.float32)
+    return np.concatenate(chunks).astype(np.float32)
+
+
+def load_model(path: str | Path, *, flip: bool = True) -> tuple[Embed, float | None, str, dict]:
+    """(embed function, threshold, threshold_source, description) of a bundle or checkpoint."""
+    path = Path(path)
+    if path.is_dir():
+        from facegate.core.bundle import load_bundle
+        from facegate.core.embed import create_embedder
+
+        bundle = load_bundle(path)
+        embedder = create_embedder(bundle, flip=flip)
+        info = {"kind": "bundle", "path": str(path), "model_id": bundle.model_id,
+                "runtime": embedder.runtime}
+        return embedder.embed, bundle.threshold, bundle.threshold_source, info
+    if path.suffix == ".pt" and path.is_file():
+        import torch
+        from facegate.train.backbones import get_backbone
+
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        backbone = get_backbone(ckpt["backbone"]["name"], **ckpt["backbone"]["kwargs"])
+        backbone.load_state_dict(ckpt["state_dict"])
+        info = {"kind": "checkpoint", "path": str(path), "epoch": ckpt.get("epoch"),
+                "step": ckpt.get("step"), "runtime": "torch-cpu"}
+        return (
+            lambda images: embed_torch(backbone, images, flip=flip, progress=True),
+            ckpt.get("threshold"),
+            ckpt.get("threshold_source", "none"),
+            info,
+        )
+    raise EvaluationError(f"{path}: neither a bundle folder nor a checkpoint .pt file")
+
+
+# ---------------------------------------------------------------- data
+
+
+def load_pairs(
+    data: str | Path, identities: Sequence[str] | None = None, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """(images, first, second, same, pair identities (P, 2) or None) of a crops folder or .bin."""
+    data = Path(data)
+    if data.suffix == ".bin":
+        from facegate.train.binset import load_bin
+
+        images, issame = load_bin(data, progress=True)
+        first = np.arange(0, len(images), 2)
+        return images, first, first + 1, issame, None
+    from facegate.train.data import CropFolder, make_pairs
+
+    try:
+        folder = CropFolder(data, identities)
+    except (FileNotFoundError, KeyError) as err:
+        raise EvaluationError(f"{data}: {err}") from err
+    first, second, same = make_pairs(folder.labels, seed=seed)
+    names = np.asarray(folder.identities)[folder.labels]
+    images = folder.load(progress=True)
+    return images, first, second, same, np.stack([names[first], names[second]], axis=1)
+
+
+def evaluate(
+    model: str | Path,
+    data: str | Path,
+    *,
+    identities: Sequence[str] | None = None,
+    out: str | Path | None = None,
+    threshold: float | None = None,
+    flip: bool = True,
+) -> dict[str, Any]:
+    """Compute every figure, write metrics.json, roc.png and thresholds.png into ``out``."""
+    from facegate.train.plots import plot_roc, plot_threshold_histogram
+
+    embed, model_t, source, info = load_model(model, flip=flip)
+    if threshold is not None:
+        model_t, source = threshold, "command-line"
+    images, first, second, same, pair_ids = load_pairs(data, identities)
+    if same.all() or not same.any():
+        raise EvaluationError(f"{data}: needs both genuine and impostor pairs")
+    scores = pair_scores(embed(images), first, second)
+    result: dict[str, Any] = {"model": info, "data": str(data), "images": int(len(images)),
+                              "threshold_source": source, "flip": flip}
+    result.update(verification_metrics(scores, same, model_t))
+    if pair_ids is not None:
+        result["identity_level"] = identity_metrics(scores, same, pair_ids[:, 0], pair_ids[:, 1], model_t)
+    out_dir = Path(out) if out is not None else Path("eval") / Path(model).stem
+    out_dir.mkdir(parents=True, exist_ok=True)
+    far, tar, _ = metrics.roc_curve(scores, same)
+    plot_roc(far, tar, out_dir / "roc.png", title=f"ROC on {Path(data).name}")
+    if pair_ids is not None:
+        best = [r["best_threshold"] for r in result["identity_level"]["per_identity"].values()
+                if "best_threshold" in r]
+        plot_threshold_histogram(best, model_t, out_dir / "thresholds.png")
+    (out_dir / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+    result["out"] = str(out_dir)
+    return result
+
+
+def format_table(result: dict[str, Any]) -> str:
+    rows = [("pairs", f"{result['pairs']} ({result['genuine_pairs']} genuine)"),
+            ("10-fold accuracy", f"{result['accuracy']:.4f} ± {result['accuracy_std']:.4f}")]
+    rows += [(k, f"{v:.4f}") for k, v in result.items() if k.startswith("tar@")]
+    t = result.get("threshold")
+    if t is not None:
+        rows.append((f"accuracy@t (t={t:.4f}, {result['threshold_source']})",
+                     f"{result['accuracy@t']:.4f}"))
+    level = result.get("identity_level")
+    if level and level.get("opis") is not None:
+        rows.append((f"OPIS over {level['identities']} identities", f"{level['opis']:.3e}"))
+        rows.append(("10%-OPIS", f"{level['opis_10']:.3e}"))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", type=Path, help="bundle folder or checkpoint .pt")
+    parser.add_argument("data", type=Path, help="prepared crops folder or a .bin verification set")
+    parser.add_argument("--identities", type=Path,
+                        help="split.json of a run (its 'test' list) or a text file, one identity a line")
+    parser.add_argument("--out", type=Path, help="output folder (default eval/<model name>)")
+    parser.add_argument("--threshold", type=float, help="override the model's threshold t")
+    parser.add_argument("--no-flip", dest="flip", action="store_false",
+                        help="embed without the mirrored-image sum")
+
+
+def read_identities(path: Path) -> list[str]:
+    """Identities from a run's split.json ('test' list) or a plain text file."""
+    if path.suffix == ".json":
+        split = json.loads(path.read_text())
+        if "test" not in split:
+            raise EvaluationError(f"{path}: no 'test' list")
+        return [str(i) for i in split["test"]]
+    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+
+
+def run(args: argparse.Namespace) -> int:
+    identities = read_identities(args.identities) if args.identities else None
+    result = evaluate(args.model, args.data, identities=identities, out=args.out,
+                      threshold=args.threshold, flip=args.flip)
+    print(format_table(result))
+    print(f"written: {Path(result['out']) / 'metrics.json'}")
+    return 0 if all(math.isfinite(result[k]) for k in ("accuracy", "accuracy_std")) else 1
