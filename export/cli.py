@@ -1,0 +1,100 @@
+"""``facegate export onnx|tensorrt``: checkpoint -> ONNX bundle, bundle ONNX -> TensorRT engine."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from facegate.export.parity import DEFAULT_DATA
+
+PRECISIONS = ("fp32", "fp16", "int8")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="export_target", required=True, metavar="TARGET")
+
+    onnx = sub.add_parser("onnx", help="export a training checkpoint to an ONNX model bundle")
+    onnx.add_argument("checkpoint", type=Path, help="training checkpoint (.pt)")
+    onnx.add_argument("out_bundle", type=Path, help="bundle folder to write")
+    onnx.add_argument("--name", help="bundle name (default: the checkpoint's run folder)")
+    onnx.add_argument("--version", help="bundle version (default: step<N>)")
+    onnx.add_argument("--opset", type=int, default=17, help="ONNX opset, >= 17")
+    onnx.add_argument(
+        "--simplify", action="store_true", help="simplify with onnxslim if parity still holds"
+    )
+    onnx.add_argument(
+        "--threshold", type=float, help="override the checkpoint's (learned or calibrated) one"
+    )
+    onnx.add_argument(
+        "--parity-images", type=int, default=16, help="real photos for the parity check"
+    )
+    onnx.add_argument(
+        "--parity-data", type=Path, default=DEFAULT_DATA, help="photo folder for parity crops"
+    )
+
+    trt = sub.add_parser("tensorrt", help="build a TensorRT engine for this GPU into a bundle")
+    trt.add_argument("bundle", type=Path, help="bundle folder (from `facegate export onnx`)")
+    trt.add_argument("--precision", choices=PRECISIONS, default="fp16")
+    trt.add_argument("--max-batch", type=int, default=64, help="largest batch of the profile")
+    trt.add_argument(
+        "--calibration-dir", type=Path, help="photos or aligned crops for int8 calibration"
+    )
+    trt.add_argument("--calibration-images", type=int, default=512)
+    trt.add_argument(
+        "--eval-data", type=Path, default=DEFAULT_DATA, help="photos for parity and accuracy"
+    )
+    trt.add_argument("--eval-images", type=int, default=400)
+    trt.add_argument(
+        "--detector", type=Path, help="also convert this SCRFD detector ONNX into the bundle"
+    )
+    trt.add_argument("--detector-size", type=int, default=640, help="detector input side")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.export_target == "onnx":
+        from facegate.export.onnx import export_bundle
+        from facegate.export.parity import sample_crops
+
+        crops, _ = sample_crops(args.parity_data, args.parity_images)
+        bundle = export_bundle(
+            args.checkpoint,
+            args.out_bundle,
+            parity_crops=crops,
+            name=args.name,
+            version=args.version,
+            opset=args.opset,
+            simplify=args.simplify,
+            threshold=args.threshold,
+        )
+        summary = {
+            "bundle": str(bundle.path),
+            "model_id": bundle.model_id,
+            "threshold": bundle.threshold,
+            "threshold_source": bundle.threshold_source,
+            "parity": bundle.manifest["parity"],
+            "simplification": bundle.manifest["export"]["simplification"],
+        }
+    else:
+        from facegate.export.tensorrt import export_detector_engine, export_embedder_engine
+
+        summary = {
+            "engine": export_embedder_engine(
+                args.bundle,
+                precision=args.precision,
+                max_batch=args.max_batch,
+                calibration_dir=args.calibration_dir,
+                calibration_images=args.calibration_images,
+                eval_dir=args.eval_data,
+                eval_images=args.eval_images,
+            )
+        }
+        if args.detector is not None:
+            summary["detector_engine"] = export_detector_engine(
+                args.bundle,
+                args.detector,
+                precision="fp16" if args.precision == "int8" else args.precision,
+                input_size=args.detector_size,
+            )
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
