@@ -1,0 +1,288 @@
+"""Training data from a prepared crop folder: listing, loading, splits, P x K batches, pairs.
+
+`facegate prepare` writes ``<identity>/<stem>.png`` crops (and optionally teacher
+vectors); everything here reads that layout. Small sets (tens of thousands of
+crops) fit in memory as one uint8 array, which removes decoding from the
+training loop; the Dataset augments that array on the fly.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+from tqdm import tqdm
+
+CROP_SIZE = 112
+CROP_SUFFIX = ".png"
+
+
+class CropFolder:
+    """The crops of a prepared folder, with a deterministic identity -> label mapping.
+
+    Identities are sorted by name and labelled 0..C-1; crops are sorted by path.
+    ``identities`` restricts the listing (e.g. to a training split) and the labels
+    are then 0..len(identities)-1 over that subset.
+    """
+
+    def __init__(self, root: str | Path, identities: Iterable[str] | None = None) -> None:
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"no crop folder at {self.root}")
+        present = sorted(d.name for d in self.root.iterdir() if d.is_dir() and not d.name.startswith("."))
+        if identities is not None:
+            wanted = set(identities)
+            missing = wanted - set(present)
+            if missing:
+                raise KeyError(f"identities not in {self.root}: {sorted(missing)[:5]}")
+            present = [name for name in present if name in wanted]
+        self.identities: list[str] = present
+        self.label_of = {name: label for label, name in enumerate(self.identities)}
+        paths, labels = [], []
+        for name in self.identities:
+            for path in sorted((self.root / name).glob(f"*{CROP_SUFFIX}")):
+                if not path.name.startswith("."):
+                    paths.append(path)
+                    labels.append(self.label_of[name])
+        self.paths: list[Path] = paths
+        self.labels = np.asarray(labels, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    @property
+    def relative_paths(self) -> list[str]:
+        return [p.relative_to(self.root).as_posix() for p in self.paths]
+
+    def load(self, workers: int | None = None, progress: bool = False) -> np.ndarray:
+        return load_crops(self.paths, workers=workers, progress=progress)
+
+    def teacher(self, name: str = "dlib") -> np.ndarray | None:
+        """Teacher vectors (N, D) float32 in crop order, or None if the folder has none."""
+        path = self.root / f"teacher_{name}.npz"
+        if not path.is_file():
+            return None
+        with np.load(path) as data:
+            keys = set(data.files)
+            missing = [rel for rel in self.relative_paths if rel not in keys]
+            if missing:
+                raise KeyError(f"{len(missing)} crops have no {name} teacher vector, e.g. {missing[0]}")
+            return np.stack([data[rel] for rel in self.relative_paths]).astype(np.float32)
+
+
+def _read_crop(path: Path) -> np.ndarray:
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if image is None:
+        raise OSError(f"cannot read crop {path}")
+    if image.shape[:2] != (CROP_SIZE, CROP_SIZE):
+        raise ValueError(f"{path} is {image.shape[1]}x{image.shape[0]}, not a {CROP_SIZE}x{CROP_SIZE} crop")
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def load_crops(
+    paths: Sequence[str | Path], workers: int | None = None, progress: bool = False
+) -> np.ndarray:
+    """Read crops into one (N, 112, 112, 3) uint8 RGB array (threads: cv2 releases the GIL)."""
+    out = np.empty((len(paths), CROP_SIZE, CROP_SIZE, 3), dtype=np.uint8)
+    workers = workers or min(8, os.cpu_count() or 1)
+    with ThreadPoolExecutor(workers) as pool:
+        loaded = pool.map(_read_crop, (Path(p) for p in paths))
+        for i, image in enumerate(tqdm(loaded, total=len(paths), desc="load crops", disable=not progress)):
+            out[i] = image
+    return out
+
+
+def split_identities(
+    identities: Iterable[str], test_count: int, seed: int
+) -> tuple[list[str], list[str]]:
+    """Disjoint (train, test) identity lists, each sorted; the same for the same seed."""
+    names = sorted(set(identities))
+    if not 0 <= test_count <= len(names):
+        raise ValueError(f"test_count {test_count} not in [0, {len(names)}]")
+    order = np.random.default_rng(seed).permutation(len(names))
+    test = {names[i] for i in order[:test_count]}
+    return [n for n in names if n not in test], sorted(test)
+
+
+class PKSampler(Sampler[list[int]]):
+    """Batches of P identities x K photos each (use as a DataLoader ``batch_sampler``).
+
+    Metric and margin losses need several photos per identity in a batch. Identities
+    are visited in a seeded shuffled order, cycling, so each is seen about equally
+    often; photos are drawn without replacement, or with replacement for identities
+    holding fewer than K. An epoch is about ``len(labels) / (P * K)`` batches in
+    total, split over ``world_size`` ranks (every rank computes the same global
+    sequence from ``seed`` and ``set_epoch`` and keeps every world_size-th batch).
+    """
+
+    def __init__(
+        self,
+        labels: Sequence[int] | np.ndarray,
+        p: int,
+        k: int,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.by_identity = [np.flatnonzero(self.labels == c) for c in np.unique(self.labels)]
+        if p < 1 or k < 1:
+            raise ValueError("p and k must be positive")
+        if p > len(self.by_identity):
+            raise ValueError(f"p={p} exceeds the {len(self.by_identity)} identities")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} not in [0, {world_size})")
+        self.p, self.k, self.seed = p, k, seed
+        self.rank, self.world_size = rank, world_size
+        self.epoch = 0
+        total = max(world_size, len(self.labels) // (p * k))
+        self.batches_per_rank = total // world_size
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.batches_per_rank
+
+    def __iter__(self) -> Iterator[list[int]]:
+        rng = np.random.default_rng([self.seed, self.epoch])
+        order: list[int] = []
+        for step in range(self.batches_per_rank * self.world_size):
+            while len(order) < self.p:
+                # A new cycle over all identities; those still waiting go last so a batch
+                # never holds one identity twice.
+                cycle = [int(c) for c in rng.permutation(len(self.by_identity))]
+                order += [c for c in cycle if c not in order] + [c for c in cycle if c in order]
+            chosen, order = order[: self.p], order[self.p :]
+            # Every rank draws every batch so all ranks stay on the same random sequence.
+            batch = []
+            for c in chosen:
+                members = self.by_identity[c]
+                replace = len(members) < self.k
+                batch += [int(i) for i in rng.choice(members, self.k, replace=replace)]
+            if step % self.world_size == self.rank:
+                yield batch
+
+
+def make_pairs(
+    labels: Sequence[int] | np.ndarray, seed: int, negatives_per_positive: int = 1
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Evaluation pairs: every same-identity pair plus seeded distinct different-identity pairs.
+
+    Returns index arrays ``i < j`` and ``is_same`` (positives first). The number of
+    negatives is ``negatives_per_positive`` times the number of positives, capped by
+    how many different-identity pairs exist.
+    """
+    labels = np.asarray(labels)
+    n = len(labels)
+    pos_i, pos_j = [], []
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        a, b = np.triu_indices(len(members), k=1)
+        pos_i.append(members[a])
+        pos_j.append(members[b])
+    pi = np.concatenate(pos_i) if pos_i else np.empty(0, np.int64)
+    pj = np.concatenate(pos_j) if pos_j else np.empty(0, np.int64)
+    _, counts = np.unique(labels, return_counts=True)
+    available = (n * (n - 1) - int((counts * (counts - 1)).sum())) // 2
+    wanted = min(negatives_per_positive * len(pi), available)
+
+    rng = np.random.default_rng(seed)
+    chosen: dict[int, None] = {}  # pair code i * n + j, in draw order
+    while len(chosen) < wanted:
+        draw = max(1024, 2 * (wanted - len(chosen)))
+        i = rng.integers(0, n, draw)
+        j = rng.integers(0, n, draw)
+        i, j = np.minimum(i, j), np.maximum(i, j)
+        keep = labels[i] != labels[j]
+        for code in (i[keep] * n + j[keep]).tolist():
+            chosen.setdefault(code, None)
+            if len(chosen) == wanted:
+                break
+    codes = np.fromiter(chosen, dtype=np.int64, count=len(chosen))
+    ni, nj = codes // n, codes % n
+    is_same = np.concatenate([np.ones(len(pi), bool), np.zeros(len(ni), bool)])
+    return (
+        np.concatenate([pi, ni]).astype(np.int64),
+        np.concatenate([pj, nj]).astype(np.int64),
+        is_same,
+    )
+
+
+def normalize(images: np.ndarray) -> torch.Tensor:
+    """uint8 (N, H, W, 3) or (H, W, 3) RGB -> float32 NCHW / CHW in [-1, 1], the model input."""
+    array = np.ascontiguousarray(np.moveaxis(images, -1, -3), dtype=np.float32)
+    return torch.from_numpy((array - 127.5) / 127.5)
+
+
+def random_resized_crop(image: np.ndarray, rng: np.random.Generator, min_scale: float) -> np.ndarray:
+    """Zoom into a random square covering [min_scale, 1] of the area, resized back: scale + shift."""
+    size = image.shape[0]
+    side = size * math.sqrt(rng.uniform(min_scale, 1.0))
+    x, y = rng.uniform(0, size - side, 2)
+    matrix = np.array([[size / side, 0, -x * size / side], [0, size / side, -y * size / side]])
+    return cv2.warpAffine(image, matrix, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
+
+
+def color_jitter(image: np.ndarray, rng: np.random.Generator, strength: float) -> np.ndarray:
+    """Random brightness, contrast and saturation factors in [1 - strength, 1 + strength]."""
+    brightness, contrast, saturation = rng.uniform(1 - strength, 1 + strength, 3)
+    x = image.astype(np.float32) * brightness
+    x = (x - x.mean()) * contrast + x.mean()
+    grey = x @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    x = (x - grey[..., None]) * saturation + grey[..., None]
+    return np.clip(x + 0.5, 0, 255).astype(np.uint8)
+
+
+class CropDataset(Dataset):
+    """In-memory uint8 crops -> augmented, normalised tensors ``(x, label[, teacher])``.
+
+    Augmentation: horizontal flip (p=0.5), random resized crop of at least
+    ``min_scale`` of the area (``min_scale=1`` disables it), optional colour jitter.
+    Randomness comes from torch's generator, so ``torch.manual_seed`` reproduces it
+    and each DataLoader worker draws differently.
+    """
+
+    def __init__(
+        self,
+        images: np.ndarray,
+        labels: Sequence[int] | np.ndarray,
+        teacher: np.ndarray | None = None,
+        *,
+        augment: bool = True,
+        min_scale: float = 0.85,
+        jitter: float = 0.0,
+    ) -> None:
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+            raise ValueError("images must be (N, H, W, 3) uint8")
+        if len(labels) != len(images) or (teacher is not None and len(teacher) != len(images)):
+            raise ValueError("images, labels and teacher differ in length")
+        self.images = images
+        self.labels = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+        self.teacher = None if teacher is None else torch.as_tensor(teacher, dtype=torch.float32)
+        self.augment, self.min_scale, self.jitter = augment, min_scale, jitter
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, ...]:
+        image = self.images[index]
+        if self.augment:
+            rng = np.random.default_rng(int(torch.randint(0, 2**62, ()).item()))
+            if rng.random() < 0.5:
+                image = image[:, ::-1]
+            if self.min_scale < 1.0:
+                image = random_resized_crop(np.ascontiguousarray(image), rng, self.min_scale)
+            if self.jitter > 0:
+                image = color_jitter(image, rng, self.jitter)
+        x = normalize(image)
+        if self.teacher is None:
+            return x, self.labels[index]
+        return x, self.labels[index], self.teacher[index]
