@@ -10,7 +10,12 @@ from facegate.train.losses import (
     ArcFace,
     CombinedMarginLoss,
     CosFace,
+    DiscFaceRegularizer,
     NormSoftmax,
+    S2SBCELoss,
+    S2SSoftmaxLoss,
+    SimilarityDistillation,
+    TCMRegularizer,
     USSLoss,
 )
 from torch.autograd import gradcheck
@@ -236,3 +241,116 @@ def test_uss_learns_threshold_between_negatives_and_positives(start: float | Non
         loss(emb, labels).backward()
         optimiser.step()
     assert max_negative < loss.threshold < min_positive
+
+
+# ---------------------------------------------------------------- S2S ablation baselines
+
+
+def test_s2s_softmax_hand_computed_skips_unseen_own_class() -> None:
+    loss = S2SSoftmaxLoss(3, 2, s=2.0, m=0.1).double()
+    loss.update_memory(t([[5.0, 0.0], [0.0, 0.5]]), torch.tensor([0, 1]))
+    emb, labels = t([[0.6, 0.8], [0.8, 0.6]]), torch.tensor([0, 2])
+    # sample 0: logits (2*(0.6-0.1), 2*0.8, masked) = (1.0, 1.6) -> CE = log(1+e^0.6);
+    # sample 1: own class 2 not in memory -> skipped.
+    assert loss(emb, labels).item() == pytest.approx(softplus(0.6), abs=1e-12)
+    empty = S2SSoftmaxLoss(3, 2).double()
+    emb.requires_grad_()
+    value = empty(emb, labels)
+    value.backward()
+    assert value.item() == 0.0
+
+
+def test_s2s_bce_uses_one_bias_per_class() -> None:
+    loss = S2SBCELoss(3, 2, s=2.0, m=0.1).double()
+    loss.update_memory(t([[5.0, 0.0], [0.0, 0.5]]), torch.tensor([0, 1]))
+    emb, labels = t([[0.6, 0.8]]), torch.tensor([0])
+    loss(emb, labels)  # initialise: every b_c = logsumexp over sample 0's negatives = 1.6
+    assert loss.bias.shape == (3,)
+    assert torch.allclose(loss.bias, t([1.6, 1.6, 1.6]))
+    with torch.no_grad():
+        loss.bias.copy_(t([0.5, 1.0, 0.0]))
+    # positive (class 0, b_0=0.5): softplus(-(1.0-0.5)); negative (class 1, b_1=1.0): softplus(0.6)
+    assert loss(emb, labels).item() == pytest.approx(softplus(-0.5) + softplus(0.6), abs=1e-12)
+    assert torch.allclose(loss.thresholds, t([0.25, 0.5, 0.0]))
+
+
+# ---------------------------------------------------------------- regularisers
+
+
+def test_discface_hand_computed_with_clipped_basis() -> None:
+    reg = DiscFaceRegularizer(2, weight=0.2, clip=0.05).double()
+    with torch.no_grad():
+        reg.xi.copy_(t([0.3, 0.4]))  # |xi| = 0.5 -> clipped to (0.03, 0.04)
+    class_weight = t([[2.0, 0.0], [0.0, 3.0]])
+    emb, labels = t([[3.0, 4.0], [0.0, 1.0]]), torch.tensor([0, 1])
+    # sample 0: z - w = (-0.4, 0.8) -> minus xi_hat (-0.43, 0.76); sample 1: z = w -> |xi_hat| = 0.05
+    expected = 0.2 * (math.sqrt(0.43**2 + 0.76**2) + 0.05) / 2
+    assert reg(emb, labels, class_weight).item() == pytest.approx(expected, abs=1e-12)
+    with torch.no_grad():
+        reg.xi.copy_(t([0.01, 0.0]))  # under the clip: used as is
+    assert torch.allclose(reg.basis(), t([0.01, 0.0]))
+
+
+def test_discface_gradcheck() -> None:
+    reg = DiscFaceRegularizer(4).double()
+    emb = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    xi = (torch.randn(4, dtype=torch.float64) * 0.1).requires_grad_()
+    labels = torch.tensor([0, 1, 2, 0, 1])
+    assert gradcheck(
+        lambda e, w, x: functional_call(reg, {"xi": x}, (e, labels, w)), (emb, weight, xi)
+    )
+
+
+def test_tcm_hand_computed() -> None:
+    reg = TCMRegularizer(pos_margin=0.7, neg_margin=0.5, pos_weight=1.0, neg_weight=2.0)
+    emb, labels = t([[1.0, 0.0], [0.6, 0.8], [0.8, 0.6]]), torch.tensor([0, 0, 1])
+    # pairs: (0,1) same S=0.6 < 0.7 -> 0.1;  (0,2) diff S=0.8, (1,2) diff S=0.96, both > 0.5
+    expected = 1.0 * 0.1 / 1 + 2.0 * ((0.8 - 0.5) + (0.96 - 0.5)) / 2
+    assert reg(emb, labels).item() == pytest.approx(expected, abs=1e-12)
+    # only easy pairs counted: loosen the negative margin so (0,2) is easy
+    easy_neg = TCMRegularizer(pos_margin=0.7, neg_margin=0.9, neg_weight=2.0)
+    assert easy_neg(emb, labels).item() == pytest.approx(0.1 + 2.0 * 0.06, abs=1e-12)
+
+
+def test_tcm_empty_sets_give_exact_zero_with_valid_graph() -> None:
+    reg = TCMRegularizer(pos_margin=0.5, neg_margin=0.99)
+    emb = t([[1.0, 0.0], [0.6, 0.8], [0.8, 0.6]]).requires_grad_()
+    value = reg(emb, torch.tensor([0, 0, 1]))
+    assert value.item() == 0.0
+    value.backward()
+    assert torch.equal(emb.grad, torch.zeros_like(emb))
+    alone = reg(t([[1.0, 0.0]]).requires_grad_(), torch.tensor([0]))  # no pairs at all
+    assert alone.item() == 0.0
+
+
+def test_tcm_gradcheck() -> None:
+    emb = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    reg = TCMRegularizer(pos_margin=0.9, neg_margin=-0.5)  # every pair hard: both terms live
+    assert gradcheck(lambda e: reg(e, labels), (emb,))
+
+
+# ---------------------------------------------------------------- distillation
+
+
+def test_similarity_distillation_hand_computed_across_dimensions() -> None:
+    student = t([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    teacher = t([[1.0, 0.0, 0.0], [2.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+    # student cos (0,1)=0, (0,2)=(1,2)=1/sqrt2; teacher (0,1)=1, others 0
+    # squared gaps 1, 0.5, 0.5 (each twice over ordered pairs) -> mean 2/3
+    loss = SimilarityDistillation(weight=1.5)
+    assert loss(student, teacher).item() == pytest.approx(1.5 * 2 / 3, abs=1e-12)
+    with pytest.raises(ValueError, match="equal dimensions"):
+        SimilarityDistillation(direct=1.0)(student, teacher)
+
+
+def test_similarity_distillation_direct_term_and_gradcheck() -> None:
+    student, teacher = t([[1.0, 0.0], [0.0, 1.0]]), t([[1.0, 1.0], [0.0, 1.0]])
+    loss = SimilarityDistillation(weight=1.0, direct=1.0)
+    # relational: (0 - 1/sqrt2)^2 = 0.5; direct: mean(1 - 1/sqrt2, 0)
+    expected = 0.5 + (1 - 1 / math.sqrt(2)) / 2
+    assert loss(student, teacher).item() == pytest.approx(expected, abs=1e-12)
+    s = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    teacher = torch.randn(4, 3, dtype=torch.float64)
+    assert gradcheck(lambda x: loss(x, teacher), (s,))

@@ -114,7 +114,9 @@ class FeatureMemory(nn.Module):
 
     Buffers ``memory`` (C, d) and ``filled`` (C,) bool live in the state dict so a resumed
     run keeps them. The trainer calls ``update_memory`` after each optimiser step, with
-    the same batch's embeddings; the loss itself never writes the memory.
+    the same batch's embeddings; the loss itself never writes the memory. Under DDP the
+    trainer gathers embeddings and labels from all ranks first so every replica's memory
+    stays identical.
     """
 
     def __init__(self, num_classes: int, embedding_size: int) -> None:
@@ -153,6 +155,8 @@ class _BinaryS2SLoss(FeatureMemory):
 
     L(i) = sum_{c=y_i} softplus(-(s*(cos_ic - m) - b_c)) + sum_{c!=y_i} softplus(s*cos_ic - b_c)
     over filled classes only, exponent arguments clamped to [-s, s], mean over samples.
+    The bias is initialised at the first call that sees a filled negative class; until
+    then it stays 0 (and with an empty memory the loss is a graph-connected 0).
     """
 
     def __init__(
