@@ -20,6 +20,7 @@ from typing import Annotated, Any
 import numpy as np
 from facegate.core.errors import DuplicateIdentity, FacegateError, ImageDecodeError
 from facegate.gallery import Identity
+from facegate.gallery.consistency import consistency_report
 from facegate.server import schemas
 from facegate.server.deps import (
     ServicesDep,
@@ -486,17 +487,17 @@ def build_v1_router() -> APIRouter:
         tags=["monitoring"],
     )
     async def consistency(services: ServicesDep, settings: SettingsDep) -> dict[str, Any]:
-        from facegate.gallery.consistency import consistency_report
-
+        """Genuine and impostor scores from the enrolled templates give each identity its
+        FRR/FAR at the bundle threshold and its own threshold at the target FAR; OPIS sums
+        up how much the identities disagree. Refreshes the per-identity gauges of /metrics."""
         threshold = services.bundle.threshold
         report = await services.gallery.call(
             lambda g: consistency_report(
                 g, threshold, target_far=settings.target_far, worst=settings.metrics_worst_n
             )
         )
-        body = _as_dict(report)
-        services.metrics.set_consistency(body.get("opis"), body.get("worst", []))
-        return {"threshold": threshold, "target_far": settings.target_far, **body}
+        services.metrics.set_consistency(report["opis"], report["worst"])
+        return report
 
     return router
 
@@ -507,16 +508,6 @@ def _exists(gallery: Any, identity_id: str) -> bool:
     except FacegateError:
         return False
     return True
-
-
-def _as_dict(report: Any) -> dict[str, Any]:
-    if hasattr(report, "to_dict"):
-        return report.to_dict()
-    if hasattr(report, "__dataclass_fields__"):
-        import dataclasses
-
-        return dataclasses.asdict(report)
-    return dict(report)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

@@ -142,13 +142,47 @@ class VerifyIdentityResponse(BaseModel):
     timings_ms: dict[str, float]
 
 
-class ConsistencyResponse(BaseModel):
-    """The gallery's consistency report (see docs/server.md for each field)."""
+class ObservedDecisions(BaseModel):
+    count: int = Field(description="verify/identity decisions recorded for this identity")
+    accept_rate: float | None
+    mean_similarity: float | None
 
-    model_config = ConfigDict(extra="allow")
+
+class IdentityConsistency(BaseModel):
+    """One identity, from its enrolled templates: genuine = own pairs, impostor = vs others."""
+
+    genuine_pairs: int
+    impostor_pairs: int
+    genuine_mean: float | None
+    genuine_std: float | None
+    impostor_mean: float | None
+    impostor_std: float | None
+    frr: float | None = Field(description="share of genuine pairs below the threshold")
+    far: float | None = Field(description="share of impostor pairs at or above the threshold")
+    own_threshold: float | None = Field(description="threshold giving this identity the target FAR")
+    threshold_gap: float | None = Field(description="own_threshold - threshold")
+    observed: ObservedDecisions
+
+
+class WorstIdentity(IdentityConsistency):
+    identity_id: str
+
+
+class ConsistencyResponse(BaseModel):
+    """How well one threshold serves every enrolled identity (see docs/server.md)."""
 
     threshold: float
     target_far: float
+    identities: int
+    opis_identities: int = Field(description="identities with genuine and impostor pairs")
+    opis: float | None = Field(description="operating-point inconsistency score; lower is better")
+    epsilon_opis: float | None
+    opis_epsilon: float
+    opis_range: list[float]
+    opis_points: int
+    utility: str
+    per_identity: dict[str, IdentityConsistency]
+    worst: list[WorstIdentity] = Field(description="largest |threshold_gap| first")
 
 
 class Ready(BaseModel):

@@ -418,3 +418,27 @@ def test_server_does_not_import_torch():
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
+
+
+def test_consistency_report_and_bounded_identity_gauges(bundle, tmp_path, photos):
+    settings = Settings(
+        bundle=bundle, gallery=tmp_path / "g.sqlite", metrics_worst_n=2, target_far=0.25, cpu_workers=2
+    )
+    items = list(photos.items())[:3]
+    with TestClient(create_app(settings)) as c:
+        for who, images in items:
+            files = [("images", (f"{i}.jpg", img)) for i, img in enumerate(images[:2])]
+            assert c.post("/v1/identities", data={"name": who, "identity_id": who}, files=files).status_code == 201
+        c.post("/v1/verify/identity", files={"image": items[0][1][2]}, data={"identity_id": items[0][0]})
+        report = c.get("/v1/consistency").json()
+        assert report["identities"] == 3 and report["opis_identities"] == 3
+        assert report["opis"] is not None and report["opis"] >= 0
+        assert report["target_far"] == settings.target_far
+        assert report["per_identity"][items[0][0]]["observed"]["count"] == 1
+        for row in report["per_identity"].values():
+            assert row["genuine_pairs"] == 1 and row["impostor_pairs"] == 8
+        assert len(report["worst"]) == 2
+        families = {f.name: f for f in text_string_to_metric_families(c.get("/metrics").text)}
+        frr = {s.labels["identity_id"]: s.value for s in families["facegate_identity_frr"].samples}
+        assert set(frr) == {row["identity_id"] for row in report["worst"]}
+        assert families["facegate_consistency_opis"].samples[0].value == pytest.approx(report["opis"])
