@@ -30,6 +30,7 @@ def crop_folder(tmp_path_factory, celeba_index):
         by_identity.setdefault(identity, []).append(path)
     names = sorted(by_identity)[:4]
     teacher = {}
+    (root / "empty-identity").mkdir()  # no crops: not an identity of the folder
     for count, name in zip([4, 3, 2, 4], names, strict=True):
         (root / name).mkdir()
         for path in by_identity[name][:count]:
@@ -152,6 +153,9 @@ def test_crop_dataset_normalises_and_augments(crop_folder):
     n_flipped = sum(torch.equal(o, flipped) for o in outputs)
     n_plain = sum(torch.equal(o, normalize(images[0])) for o in outputs)
     assert n_flipped + n_plain == 40 and 8 < n_flipped < 32
+
+    no_flip = CropDataset(images, folder.labels, augment=True, flip=False, min_scale=1.0)
+    assert all(torch.equal(no_flip[0][0], normalize(images[0])) for _ in range(10))
 
     full = CropDataset(images, folder.labels, augment=True, min_scale=0.8, jitter=0.2)
     torch.manual_seed(1)

@@ -27,7 +27,8 @@ CROP_SUFFIX = ".png"
 class CropFolder:
     """The crops of a prepared folder, with a deterministic identity -> label mapping.
 
-    Identities are sorted by name and labelled 0..C-1; crops are sorted by path.
+    Identities (sub-folders holding at least one crop) are sorted by name and
+    labelled 0..C-1; crops are sorted by path.
     ``identities`` restricts the listing (e.g. to a training split) and the labels
     are then 0..len(identities)-1 over that subset.
     """
@@ -36,7 +37,11 @@ class CropFolder:
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"no crop folder at {self.root}")
-        present = sorted(d.name for d in self.root.iterdir() if d.is_dir() and not d.name.startswith("."))
+        present = sorted(
+            d.name
+            for d in self.root.iterdir()
+            if d.is_dir() and not d.name.startswith(".") and any(d.glob(f"*{CROP_SUFFIX}"))
+        )
         if identities is not None:
             wanted = set(identities)
             missing = wanted - set(present)
@@ -244,7 +249,7 @@ def color_jitter(image: np.ndarray, rng: np.random.Generator, strength: float) -
 class CropDataset(Dataset):
     """In-memory uint8 crops -> augmented, normalised tensors ``(x, label[, teacher])``.
 
-    Augmentation: horizontal flip (p=0.5), random resized crop of at least
+    Augmentation: horizontal flip (p=0.5, unless ``flip=False``), random resized crop of at least
     ``min_scale`` of the area (``min_scale=1`` disables it), optional colour jitter.
     Randomness comes from torch's generator, so ``torch.manual_seed`` reproduces it
     and each DataLoader worker draws differently.
@@ -257,6 +262,7 @@ class CropDataset(Dataset):
         teacher: np.ndarray | None = None,
         *,
         augment: bool = True,
+        flip: bool = True,
         min_scale: float = 0.85,
         jitter: float = 0.0,
     ) -> None:
@@ -267,7 +273,7 @@ class CropDataset(Dataset):
         self.images = images
         self.labels = torch.as_tensor(np.asarray(labels), dtype=torch.long)
         self.teacher = None if teacher is None else torch.as_tensor(teacher, dtype=torch.float32)
-        self.augment, self.min_scale, self.jitter = augment, min_scale, jitter
+        self.augment, self.flip, self.min_scale, self.jitter = augment, flip, min_scale, jitter
 
     def __len__(self) -> int:
         return len(self.images)
@@ -276,7 +282,7 @@ class CropDataset(Dataset):
         image = self.images[index]
         if self.augment:
             rng = np.random.default_rng(int(torch.randint(0, 2**62, ()).item()))
-            if rng.random() < 0.5:
+            if self.flip and rng.random() < 0.5:
                 image = image[:, ::-1]
             if self.min_scale < 1.0:
                 image = random_resized_crop(np.ascontiguousarray(image), rng, self.min_scale)
