@@ -119,6 +119,9 @@ class FeatureMemory(nn.Module):
     stays identical.
     """
 
+    memory: torch.Tensor
+    filled: torch.Tensor
+
     def __init__(self, num_classes: int, embedding_size: int) -> None:
         super().__init__()
         self.num_classes = num_classes
@@ -158,6 +161,8 @@ class _BinaryS2SLoss(FeatureMemory):
     The bias is initialised at the first call that sees a filled negative class; until
     then it stays 0 (and with an empty memory the loss is a graph-connected 0).
     """
+
+    bias_initialised: torch.Tensor
 
     def __init__(
         self, num_classes: int, embedding_size: int, s: float, m: float, bias_shape: tuple
