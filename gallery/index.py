@@ -102,7 +102,7 @@ class TemplateIndex:
         self._lock = ReadWriteLock()
         self._deleted: set[int] = set()
         self._trained_size = 0
-        self._index = self._empty(0)
+        self._index = self._empty(np.empty((0, dim), dtype=np.float32))
 
     @property
     def backend(self) -> str:
@@ -130,7 +130,7 @@ class TemplateIndex:
     def build(self, ids: np.ndarray, vectors: np.ndarray) -> None:
         """Replace the whole index with `vectors` (N, dim) under `ids` (N,)."""
         ids, vectors = _as_ids(ids), _as_vectors(vectors, self.dim)
-        index = self._empty(len(ids), vectors)
+        index = self._empty(vectors)
         if len(ids):
             index.add_with_ids(vectors, ids)
         with self._lock.write():
@@ -180,18 +180,20 @@ class TemplateIndex:
     def _tombstones(self) -> bool:
         return self.kind == "hnsw" or self.on_gpu
 
-    def _empty(self, n: int, train: np.ndarray | None = None) -> faiss.Index:
-        """A fresh index of this kind sized for `n` vectors, trained on `train` if IVF."""
+    def _empty(self, vectors: np.ndarray) -> faiss.Index:
+        """A fresh, empty index of this kind for `vectors` (IVF is trained on them)."""
         if self.kind == "hnsw":
             hnsw = faiss.IndexHNSWFlat(self.dim, HNSW_M, faiss.METRIC_INNER_PRODUCT)
             hnsw.hnsw.efSearch = HNSW_EF_SEARCH
             return faiss.IndexIDMap2(hnsw)
-        nlist = ivf_lists(n) if self.kind == "ivf" else 0
+        nlist = ivf_lists(len(vectors)) if self.kind == "ivf" else 0
+        index: faiss.Index
         if nlist:
             quantizer = faiss.IndexFlatIP(self.dim)
-            index = faiss.IndexIVFFlat(quantizer, self.dim, nlist, faiss.METRIC_INNER_PRODUCT)
-            index.train(train)
-            index.nprobe = min(nlist, IVF_NPROBE)
+            ivf = faiss.IndexIVFFlat(quantizer, self.dim, nlist, faiss.METRIC_INNER_PRODUCT)
+            ivf.train(vectors)
+            ivf.nprobe = min(nlist, IVF_NPROBE)
+            index = ivf
         else:
             index = faiss.IndexIDMap2(faiss.IndexFlatIP(self.dim))
         return faiss.index_cpu_to_all_gpus(index) if self.on_gpu else index

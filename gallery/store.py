@@ -458,9 +458,9 @@ class Gallery:
         n = len(vectors)
         sources = _per_row(sources, n, "sources")
         scores = _per_row(scores, n, "scores")
-        crops = _per_row(crops, n, "crops") if self.keep_crops else [None] * n
-        out = []
-        for vector, source, score, crop in zip(vectors, sources, scores, crops, strict=True):
+        kept_crops = _per_row(crops, n, "crops") if self.keep_crops else [None] * n
+        out: list[tuple[int, Template]] = []
+        for vector, source, score, crop in zip(vectors, sources, scores, kept_crops, strict=True):
             template = Template(
                 uuid.uuid4().hex,
                 identity_id,
@@ -483,6 +483,8 @@ class Gallery:
                     None if crop is None else _encode_png(crop),
                 ),
             )
+            if cursor.lastrowid is None:
+                raise RuntimeError("SQLite returned no row id for an inserted template")
             out.append((cursor.lastrowid, template))
         return out
 
@@ -579,4 +581,6 @@ def _encode_png(crop: np.ndarray) -> bytes:
 
 def _decode_png(blob: bytes) -> np.ndarray:
     bgr = cv2.imdecode(np.frombuffer(blob, dtype=np.uint8), cv2.IMREAD_COLOR)
+    if bgr is None:
+        raise ValueError("a kept crop is not a readable PNG")
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
