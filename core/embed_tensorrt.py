@@ -70,7 +70,7 @@ def matching_engine(
         and (precision is None or e.get("precision") == precision)
     ]
     rank = {p: i for i, p in enumerate(PRECISION_PREFERENCE)}
-    found.sort(key=lambda e: rank.get(e.get("precision"), len(rank)))
+    found.sort(key=lambda e: rank.get(str(e.get("precision")), len(rank)))
     return found[0] if found else None
 
 
@@ -208,7 +208,7 @@ class PinnedArray:
         self.nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
         self.ptr = cuda.malloc_host(self.nbytes)
         raw = (ctypes.c_byte * self.nbytes).from_address(self.ptr)
-        self.array = np.frombuffer(raw, dtype=dtype).reshape(shape)
+        self.array = np.frombuffer(memoryview(raw), dtype=dtype).reshape(shape)
 
     def close(self) -> None:
         if self.ptr:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
+from facegate.core.errors import FacegateError
 from facegate.export.parity import DEFAULT_DATA
 
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -52,6 +54,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    try:
+        summary = _export(args)
+    except FacegateError as exc:  # no GPU, parity failure, bad bundle: say why, no traceback
+        print(f"facegate export {args.export_target}: {exc.code}: {exc.message}", file=sys.stderr)
+        return 1
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+def _export(args: argparse.Namespace) -> dict:
     if args.export_target == "onnx":
         from facegate.export.onnx import export_bundle
         from facegate.export.parity import sample_crops
@@ -96,5 +108,4 @@ def run(args: argparse.Namespace) -> int:
                 precision="fp16" if args.precision == "int8" else args.precision,
                 input_size=args.detector_size,
             )
-    print(json.dumps(summary, indent=2, default=str))
-    return 0
+    return summary
