@@ -7,15 +7,11 @@ of them, FastAPI's validation errors and stray HTTP exceptions exactly once.
 
 from __future__ import annotations
 
-import logging
-
 from facegate.core.errors import FacegateError
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
-
-log = logging.getLogger("facegate.server")
 
 
 class MissingAPIKey(FacegateError):
@@ -108,8 +104,3 @@ def install_error_handlers(app: FastAPI) -> None:
         return JSONResponse(
             error_body(code, str(exc.detail)), status_code=exc.status_code, headers=exc.headers
         )
-
-    @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error", exc_info=exc)
-        return error_response(500, "internal_error", "internal server error")

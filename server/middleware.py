@@ -7,15 +7,17 @@ limit can answer 413 before a large body is read.
 from __future__ import annotations
 
 import json
+import logging
 import re
 import time
 import uuid
 
-from facegate.server.errors import error_body
+from facegate.server.errors import error_body, error_response
 from facegate.server.metrics import ServerMetrics
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+log = logging.getLogger("facegate.server")
 REQUEST_ID_HEADER = "x-request-id"
 _CLIENT_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
@@ -28,7 +30,11 @@ def request_id_for(client_value: str | None) -> str:
 
 
 class RequestContextMiddleware:
-    """Sets ``x-request-id`` on every response and counts requests by route template."""
+    """Sets ``x-request-id`` on every response and counts requests by route template.
+
+    It is also the last line for unexpected exceptions: they are logged and answered
+    with the JSON envelope (500), still carrying the request id.
+    """
 
     def __init__(self, app: ASGIApp, metrics: ServerMetrics) -> None:
         self.app = app
@@ -41,17 +47,24 @@ class RequestContextMiddleware:
         request_id = request_id_for(Headers(scope=scope).get(REQUEST_ID_HEADER))
         scope.setdefault("state", {})["request_id"] = request_id
         status = 500
+        started = False
         start = time.perf_counter()
 
         async def send_with_id(message: Message) -> None:
-            nonlocal status
+            nonlocal status, started
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, started = message["status"], True
                 MutableHeaders(scope=message)[REQUEST_ID_HEADER] = request_id
             await send(message)
 
         try:
             await self.app(scope, receive, send_with_id)
+        except Exception:
+            log.exception("unhandled error (request %s)", request_id)
+            if started:
+                raise
+            response = error_response(500, "internal_error", "internal server error")
+            await response(scope, receive, send_with_id)
         finally:
             route = scope.get("route")
             template = getattr(route, "path", None) or "unmatched"

@@ -442,3 +442,18 @@ def test_consistency_report_and_bounded_identity_gauges(bundle, tmp_path, photos
         frr = {s.labels["identity_id"]: s.value for s in families["facegate_identity_frr"].samples}
         assert set(frr) == {row["identity_id"] for row in report["worst"]}
         assert families["facegate_consistency_opis"].samples[0].value == pytest.approx(report["opis"])
+
+
+def test_unexpected_errors_get_the_envelope_and_request_id(bundle, tmp_path):
+    app = create_app(Settings(bundle=bundle, gallery=tmp_path / "g.sqlite", cpu_workers=1))
+
+    async def broken() -> None:
+        raise RuntimeError("a bug")
+
+    app.add_api_route("/broken", broken)
+    with TestClient(app, raise_server_exceptions=False) as c:
+        response = c.get("/broken", headers={"X-Request-ID": "bug-1"})
+        assert_error(response, 500, "internal_error")
+        assert "a bug" not in response.text  # internals stay in the log
+        assert response.headers["x-request-id"] == "bug-1"
+        assert counters(c)[("GET", "/broken", "500")] == 1
