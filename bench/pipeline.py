@@ -1,0 +1,232 @@
+"""Part 1, pipeline: one verify (two real photos) stage by stage, facegate vs its peers.
+
+- facegate: ``core.image.decode`` -> ``core.detect.DlibDetector`` (HOG boxes + 68-point
+  landmarks reduced to five) -> ``core.align.align`` -> ``core.embed`` on ORT CPU.
+- face_recognition / dlib, rebuilt from the installed model files exactly as
+  ``face_recognition.face_encodings`` runs them: PIL decode, HOG (upsample 1), the
+  5-point shape predictor, ``get_face_chip`` (150 px) and the dlib ResNet descriptor.
+  (face_recognition calls chip extraction inside ``compute_face_descriptor``; here it
+  is called separately so align and embed are timed apart; the work is the same.)
+- insightface ``FaceAnalysis`` (SCRFD + ArcFace), only when ``FACEGATE_INSIGHTFACE_PACK``
+  names a model pack folder (e.g. ``~/.insightface/models/buffalo_l``); no download.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from bench.assets import bundle_info, photo_pairs, resolve_bundle
+from bench.measure import summarise
+from bench.report import fmt, ratio, table
+
+SIZES = {"full": {"pairs": 30}, "smoke": {"pairs": 2}}
+STAGES = ("decode", "detect", "align", "embed")
+Stages = Callable[[bytes], tuple[np.ndarray, dict[str, float]]]
+
+
+def dlib_model_file(name: str) -> Path:
+    """A file of face_recognition_models, found without importing it (needs pkg_resources)."""
+    spec = importlib.util.find_spec("face_recognition_models")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("face_recognition_models is not installed")
+    return Path(next(iter(spec.submodule_search_locations))) / "models" / name
+
+
+def facegate_stages(bundle_path: Path) -> Stages:
+    from facegate.core.align import align
+    from facegate.core.bundle import load_bundle
+    from facegate.core.detect import DlibDetector, select_face
+    from facegate.core.embed import create_embedder
+    from facegate.core.image import decode
+
+    detector = DlibDetector()
+    embedder = create_embedder(load_bundle(bundle_path), runtime="onnxruntime-cpu")
+
+    def run(data: bytes) -> tuple[np.ndarray, dict[str, float]]:
+        t0 = time.perf_counter()
+        image = decode(data)
+        t1 = time.perf_counter()
+        face = select_face(detector.detect(image))
+        t2 = time.perf_counter()
+        crop = align(image, face.landmarks)
+        t3 = time.perf_counter()
+        vector = embedder.embed(crop[None])[0]
+        t4 = time.perf_counter()
+        return vector, {"decode": t1 - t0, "detect": t2 - t1, "align": t3 - t2, "embed": t4 - t3}
+
+    return run
+
+
+def dlib_stages() -> Stages:
+    import dlib
+    from PIL import Image
+
+    hog = dlib.get_frontal_face_detector()
+    predictor = dlib.shape_predictor(str(dlib_model_file("shape_predictor_5_face_landmarks.dat")))
+    encoder = dlib.face_recognition_model_v1(
+        str(dlib_model_file("dlib_face_recognition_resnet_model_v1.dat"))
+    )
+
+    def run(data: bytes) -> tuple[np.ndarray, dict[str, float]]:
+        t0 = time.perf_counter()
+        image = np.array(Image.open(io.BytesIO(data)).convert("RGB"))  # load_image_file
+        t1 = time.perf_counter()
+        rects = hog(image, 1)
+        if not len(rects):
+            raise LookupError("dlib found no face")
+        rect = max(rects, key=lambda r: r.area())
+        shape = predictor(image, rect)
+        t2 = time.perf_counter()
+        chip = dlib.get_face_chip(image, shape, size=150, padding=0.25)
+        t3 = time.perf_counter()
+        vector = np.asarray(encoder.compute_face_descriptor(chip), dtype=np.float32)
+        t4 = time.perf_counter()
+        return vector, {"decode": t1 - t0, "detect": t2 - t1, "align": t3 - t2, "embed": t4 - t3}
+
+    return run
+
+
+def insightface_stages(pack: Path) -> Stages:
+    """insightface's SCRFD detector and recognition model from a local pack (no download)."""
+    import cv2
+    from insightface.model_zoo import get_model
+    from insightface.utils import face_align
+
+    models = {}
+    for onnx_file in sorted(pack.glob("*.onnx")):
+        model = get_model(str(onnx_file), providers=["CPUExecutionProvider"])
+        if model is not None and model.taskname in ("detection", "recognition"):
+            models.setdefault(model.taskname, model)
+    if set(models) != {"detection", "recognition"}:
+        raise RuntimeError(f"{pack}: needs a detection and a recognition model")
+    models["detection"].prepare(ctx_id=-1, input_size=(640, 640), det_thresh=0.5)
+    models["recognition"].prepare(ctx_id=-1)
+
+    def run(data: bytes) -> tuple[np.ndarray, dict[str, float]]:
+        t0 = time.perf_counter()
+        image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)  # BGR, as insightface
+        t1 = time.perf_counter()
+        boxes, kpss = models["detection"].detect(image, max_num=1, metric="default")
+        if not len(boxes):
+            raise LookupError("insightface found no face")
+        t2 = time.perf_counter()
+        crop = face_align.norm_crop(image, landmark=kpss[0])
+        t3 = time.perf_counter()
+        vector = models["recognition"].get_feat(crop)[0]
+        t4 = time.perf_counter()
+        return vector / np.linalg.norm(vector), {
+            "decode": t1 - t0, "detect": t2 - t1, "align": t3 - t2, "embed": t4 - t3}
+
+    return run
+
+
+def measure_verify(stages: Stages, pairs: list[tuple[bytes, bytes]], desc: str) -> dict:
+    """Per-stage and per-verify latency over `pairs`; a pair with no face is counted, not timed."""
+    per_stage: dict[str, list[float]] = {s: [] for s in STAGES}
+    totals: list[float] = []
+    similarities: list[float] = []
+    failed = 0
+    stages(pairs[0][0])  # warm-up: model loading and first-call costs are not a verify
+    for a, b in tqdm(pairs, desc=desc, unit="pair", leave=False):
+        try:
+            start = time.perf_counter()
+            (va, ta), (vb, tb) = stages(a), stages(b)
+            similarity = float(np.dot(va, vb) / (np.linalg.norm(va) * np.linalg.norm(vb)))
+            totals.append(time.perf_counter() - start)
+        except LookupError:
+            failed += 1
+            continue
+        except Exception as exc:  # noqa: BLE001 - facegate's NoFaceError and friends
+            if type(exc).__name__ not in ("NoFaceError", "MultipleFacesError"):
+                raise
+            failed += 1
+            continue
+        similarities.append(similarity)
+        for timings in (ta, tb):
+            for stage in STAGES:
+                per_stage[stage].append(timings[stage])
+    return {
+        "stages": {s: summarise(v) for s, v in per_stage.items()},
+        "verify": summarise(totals),
+        "pairs_without_face": failed,
+        "same_person_similarity_mean": float(np.mean(similarities)) if similarities else None,
+    }
+
+
+def run(sizes: dict, workdir: Path) -> dict:
+    bundle_path, stand_in = resolve_bundle(workdir)
+    pairs = [(a.read_bytes(), b.read_bytes()) for a, b in photo_pairs(sizes["pairs"])]
+    systems: dict[str, dict] = {}
+    systems["facegate"] = measure_verify(facegate_stages(bundle_path), pairs, "facegate")
+    systems["face_recognition (dlib)"] = measure_verify(dlib_stages(), pairs, "dlib")
+    pack = os.environ.get("FACEGATE_INSIGHTFACE_PACK")
+    skipped = {}
+    if pack:
+        systems["insightface FaceAnalysis"] = measure_verify(
+            insightface_stages(Path(pack)), pairs, "insightface")
+    else:
+        skipped["insightface FaceAnalysis"] = (
+            "skipped: set FACEGATE_INSIGHTFACE_PACK to a local model pack folder "
+            "(nothing is downloaded)")
+    return {
+        "pairs": len(pairs),
+        "model": bundle_info(bundle_path, stand_in),
+        "systems": systems,
+        "skipped": skipped,
+    }
+
+
+def markdown(result: dict) -> str:
+    systems = result["systems"]
+    peer = "face_recognition (dlib)"
+    names = list(systems)
+    headers = ["stage (per image)"] + [f"{n} p50 / p95 ms" for n in names] + [
+        "facegate / dlib (p50)"]
+    rows = []
+    for stage in (*STAGES, "verify"):
+        cells = []
+        for name in names:
+            s = systems[name]["verify" if stage == "verify" else "stages"]
+            s = s if stage == "verify" else s[stage]
+            cells.append(f"{fmt(s['p50_ms'])} / {fmt(s['p95_ms'])}")
+        label = "whole verify (2 images + cosine)" if stage == "verify" else stage
+        rows.append([label, *cells, _p50_ratio(systems, peer, stage)])
+    model = result["model"]
+    text = (
+        f"One verify of two real photos of the same person ({result['pairs']} pairs from "
+        f"the shared CelebA subset, one warm-up call first), timed per stage. "
+        f"facegate runs `{model['model_id']}` ({model['embedding_size']}-d) on ORT CPU"
+        + (" (an untrained stand-in MobileFaceNet: speed only)" if model["stand_in"] else "")
+        + "; face_recognition is rebuilt from dlib and face_recognition_models "
+        "(HOG upsample 1, 5-point shape predictor, 150 px chip, dlib ResNet). "
+        "facegate's detect stage includes its 68-point landmarks; dlib's includes the "
+        "5-point predictor.\n\n"
+    )
+    text += table(headers, rows)
+    for name, why in result["skipped"].items():
+        text += f"\n{name}: {why}.\n"
+    slower = [
+        stage for stage in (*STAGES, "verify")
+        if _p50_ratio(systems, peer, stage) > 1.05
+    ]
+    for stage in slower:
+        r = _p50_ratio(systems, peer, stage)
+        what = "a whole verify" if stage == "verify" else f"the {stage} stage"
+        text += f"\nfacegate is slower than face_recognition on {what}: {r:.2f}x its p50.\n"
+    return text
+
+
+def _p50_ratio(systems: dict, peer: str, stage: str) -> float:
+    def p50(name: str) -> float:
+        s = systems[name]
+        return s["verify"]["p50_ms"] if stage == "verify" else s["stages"][stage]["p50_ms"]
+
+    return ratio(p50("facegate"), p50(peer))
