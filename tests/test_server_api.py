@@ -188,6 +188,13 @@ def test_request_body_limit_is_413_before_reading(strict_client):
     big = b"\xff\xd8\xff" + b"\x00" * 1_200_000
     response = strict_client.post("/v1/verify", files={"image1": big, "image2": big})
     assert_error(response, 413, "request_too_large")
+    streamed = strict_client.post(  # chunked, no Content-Length: counted as it arrives
+        "/v1/verify",
+        content=iter([b"\x00" * 400_000] * 4),
+        headers={"Content-Type": "multipart/form-data; boundary=xyz"},
+    )
+    assert "content-length" not in streamed.request.headers
+    assert_error(streamed, 413, "request_too_large")
     assert gallery_state(strict_client, headers={}) == before
 
 
