@@ -464,3 +464,17 @@ def test_unexpected_errors_get_the_envelope_and_request_id(bundle, tmp_path):
         assert "a bug" not in response.text  # internals stay in the log
         assert response.headers["x-request-id"] == "bug-1"
         assert counters(c)[("GET", "/broken", "500")] == 1
+
+
+def test_settings_come_from_facegate_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("FACEGATE_CORS_ORIGINS", "https://a.example, https://b.example")
+    monkeypatch.setenv("FACEGATE_BATCH_MAX_SIZE", "8")
+    monkeypatch.setenv("FACEGATE_FACE_POLICY", "strict")
+    monkeypatch.setenv("FACEGATE_GALLERY", str(tmp_path / "x.sqlite"))
+    settings = Settings()
+    assert settings.cors_origins == ["https://a.example", "https://b.example"]
+    assert settings.batch_max_size == 8 and settings.face_policy == "strict"
+    assert settings.gallery == tmp_path / "x.sqlite"
+    monkeypatch.setenv("FACEGATE_FACE_POLICY", "everyone")
+    with pytest.raises(ValueError):
+        Settings()
