@@ -23,8 +23,10 @@ import multiprocessing
 import os
 import time
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -140,7 +142,7 @@ class PhotoProcessor:
 _processor: PhotoProcessor | None = None
 
 
-def _init_worker(out: Path, options: dict) -> None:
+def _init_worker(out: Path, options: dict[str, Any]) -> None:
     global _processor
     _processor = PhotoProcessor(out, **options)
 
@@ -159,7 +161,7 @@ def load_teacher(path: Path) -> dict[str, np.ndarray]:
 
 def save_teacher(path: Path, vectors: dict[str, np.ndarray]) -> None:
     partial = path.with_name(f".{path.name}.partial.npz")
-    np.savez(partial, **dict(sorted(vectors.items())))
+    np.savez(partial, **dict(sorted(vectors.items())))  # type: ignore[arg-type]  # keys are paths
     partial.replace(path)
 
 
@@ -236,15 +238,15 @@ def prepare(
     wanted = {p.source for p in photos}
     failures = {s: f for s, f in failures.items() if s in wanted}
 
-    options = {"cnn_fallback": cnn_fallback, "upsample": upsample, "teacher": teacher}
+    options: dict[str, Any] = {"cnn_fallback": cnn_fallback, "upsample": upsample, "teacher": teacher}
     workers = max(1, min(workers, len(todo)))
     new_ok, new_failed = 0, 0
     since_flush = 0
     bar = tqdm(total=len(todo), desc="prepare", unit="photo", disable=not progress)
+    pool = None
+    outcomes: Iterable[Outcome]
     if workers == 1 or not todo:
-        pool = None
-        processor = PhotoProcessor(out, **options) if todo else None
-        outcomes = (processor(p) for p in todo)  # type: ignore[misc]
+        outcomes = map(PhotoProcessor(out, **options), todo) if todo else []
     else:
         pool = multiprocessing.get_context("fork").Pool(workers, _init_worker, (out, options))
         outcomes = pool.imap_unordered(_process, todo, chunksize=2)
@@ -269,11 +271,11 @@ def prepare(
                 "source": photo.source,
                 "score": f"{outcome.score:.4f}",
             }
-            if teacher_vectors is not None and outcome.teacher is not None:
+            if teacher_path is not None and teacher_vectors is not None and outcome.teacher is not None:
                 teacher_vectors[photo.crop] = outcome.teacher
                 since_flush += 1
                 if since_flush >= TEACHER_FLUSH_EVERY:
-                    save_teacher(teacher_path, teacher_vectors)  # type: ignore[arg-type]
+                    save_teacher(teacher_path, teacher_vectors)
                     save_crop_rows(out / CROPS_CSV, rows)
                     since_flush = 0
     finally:
@@ -282,8 +284,8 @@ def prepare(
             pool.terminate()
             pool.join()
         # Keep whatever finished, even when interrupted, so the next run resumes from it.
-        if teacher_vectors is not None:
-            save_teacher(teacher_path, teacher_vectors)  # type: ignore[arg-type]
+        if teacher_path is not None and teacher_vectors is not None:
+            save_teacher(teacher_path, teacher_vectors)
         save_crop_rows(out / CROPS_CSV, rows)
 
     present = {p.crop for p in photos if (out / p.crop).is_file()}

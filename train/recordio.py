@@ -240,6 +240,7 @@ class RecordIODataset:
     def __init__(self, prefix: str | Path) -> None:
         self.reader = IndexedRecordReader(prefix)
         first, _ = unpack(self.reader.read(min(self.reader.index)))
+        self.identity_range: tuple[int, int] | None
         if first.flag > 0 and min(self.reader.index) == 0:
             self.keys = list(range(1, int(first.labels[0])))
             self.identity_range = (int(first.labels[0]), int(first.labels[1]))
