@@ -16,6 +16,7 @@ import gc
 import math
 import sqlite3
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -57,10 +58,17 @@ def within_identity_cosine(embeddings: np.ndarray, labels: list[str]) -> tuple[f
     return float(np.mean(cosines)), float(np.std(cosines))
 
 
-def noise_scale(cosine_to_centre: float) -> float:
-    """Noise norm s so that normalise(c + s * u) has cosine 1/sqrt(1+s^2) to c (u a random unit-ish vector)."""
-    c = min(max(cosine_to_centre, 1e-3), 0.999)
-    return math.sqrt(1.0 / (c * c) - 1.0)
+def noise_scale(cosine_to_mean: float, group_size: int) -> float:
+    """Noise norm s giving templates the measured cosine to their group's *sample* mean.
+
+    A template is c + s*u (u a random unit vector, orthogonal to c in high dimension);
+    the mean of g such templates is c + s*u_bar with |u_bar|^2 = 1/g, so the cosine of a
+    template to it is sqrt(1 + s^2/g) / sqrt(1 + s^2). Solving for s:
+    s^2 = (1 - rho^2) / (rho^2 - 1/g).
+    """
+    g = max(group_size, 2)
+    rho2 = min(max(cosine_to_mean, 1e-3), 0.999) ** 2
+    return math.sqrt((1.0 - rho2) / max(rho2 - 1.0 / g, 1e-3))
 
 
 def clustered_vectors(n: int, dim: int, cluster_size: int, scale: float,
@@ -259,9 +267,11 @@ def run(sizes: dict, workdir: Path) -> dict:
     rng = np.random.default_rng(0)
     embeddings, labels, model = real_embeddings(workdir, sizes["real_photos"], sizes["per_identity"])
     mean_cos, std_cos = within_identity_cosine(embeddings, labels)
-    scale = noise_scale(mean_cos)
+    counts = [c for c in Counter(labels).values() if c >= 2]
+    group = int(np.median(counts))
+    scale = noise_scale(mean_cos, group)
     probes, enrolled = split_real(embeddings, labels)
-    cluster = max(1, sizes["per_identity"] - 1)
+    cluster = max(1, group - 1)
     bandwidth = memory_bandwidth(sizes["bandwidth_mib"])
     dim = embeddings.shape[1]
     rows = []
@@ -295,7 +305,7 @@ def run(sizes: dict, workdir: Path) -> dict:
         "real": {"embeddings": len(embeddings), "identities": len(set(labels)),
                  "probes": len(probes), "enrolled": len(enrolled),
                  "cosine_to_centre_mean": mean_cos, "cosine_to_centre_std": std_cos,
-                 "noise_scale": scale, "synthetic_cluster_size": cluster},
+                 "group_size": group, "noise_scale": scale, "synthetic_cluster_size": cluster},
         "queries": sizes["queries"], "hnsw_max": sizes["hnsw_max"],
         "bandwidth": bandwidth, "rows": rows, "store": store,
         "pending": {"faiss GPU (flat / IVF)": "pending: no GPU lent to this task"},
@@ -313,7 +323,8 @@ def markdown(result: dict) -> str:
         + f"; each person's first photo is a query ({real['probes']}), the rest "
         f"({real['enrolled']}) are enrolled. Synthetic fill: clusters of "
         f"{real['synthetic_cluster_size']} around random unit centres with noise scale "
-        f"{real['noise_scale']:.3f}, matching the measured template-to-centre cosine "
+        f"{real['noise_scale']:.3f}, chosen so that groups of {real['group_size']} reproduce the "
+        f"measured cosine of a real template to its person's mean, "
         f"{real['cosine_to_centre_mean']:.3f} +- {real['cosine_to_centre_std']:.3f}. "
         f"{result['queries']} queries (real probes first, then synthetic); single-query "
         "latency over as many queries as fit a time budget (n shown); recall against exact "

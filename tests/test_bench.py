@@ -1,0 +1,148 @@
+"""Smoke runs of every benchmark part at tiny sizes, plus the math the parts rely on.
+
+Speed is never asserted: a run only has to produce complete, consistent results
+from real photos, a real server, real FAISS indexes and a real training step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from server_support import build_bundle
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # `bench` is a top-level folder run as `python -m bench`
+
+from bench import gallery, pipeline, server, training  # noqa: E402
+from bench.__main__ import main  # noqa: E402
+from bench.measure import environment, summarise, time_calls  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def bench_env(tmp_path_factory, celeba_root):
+    """Point the bench at the shared photos and a small bundle, for the whole module."""
+    mp = pytest.MonkeyPatch()
+    bundle = build_bundle(tmp_path_factory.mktemp("bench-bundle"))
+    mp.setenv("FACEGATE_BENCH_DATA", str(celeba_root))
+    mp.setenv("FACEGATE_BENCH_BUNDLE", str(bundle))
+    yield tmp_path_factory.mktemp("bench-work")
+    mp.undo()
+
+
+def test_summarise_percentiles_match_numpy():
+    seconds = [i / 1000 for i in range(1, 101)]
+    s = summarise(seconds)
+    assert s["n"] == 100
+    assert s["p50_ms"] == pytest.approx(50.5)
+    assert s["p95_ms"] == pytest.approx(float(np.percentile(np.arange(1, 101), 95)))
+    assert s["p50_ms"] <= s["p95_ms"] <= s["p99_ms"]
+    assert math.isnan(summarise([])["p50_ms"])
+
+
+def test_time_calls_respects_count_and_budget():
+    calls = []
+    assert len(time_calls(lambda: calls.append(1), count=5, budget_s=10)) == 5
+    assert len(calls) == 6  # one warm-up
+    assert len(time_calls(lambda: None, count=1000, budget_s=0.0)) == 1
+
+
+def test_environment_names_hardware_and_versions():
+    env = environment()
+    assert env["cpu_cores"] >= 1 and env["memory_gb"] > 0
+    assert env["versions"]["numpy"] == np.__version__
+    assert env["versions"]["faiss"] and env["versions"]["onnxruntime"]
+
+
+@pytest.mark.parametrize("target", [0.6, 0.85])
+def test_synthetic_clusters_match_measured_spread(target):
+    rng = np.random.default_rng(0)
+    vectors = gallery.clustered_vectors(2000, 512, 4, gallery.noise_scale(target, 4), rng)
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)
+    labels = [str(i // 4) for i in range(2000)]
+    mean, _ = gallery.within_identity_cosine(vectors, labels)
+    assert mean == pytest.approx(target, abs=0.02)
+    other = gallery.within_identity_cosine(vectors, [str(i % 500) for i in range(2000)])[0]
+    assert other == pytest.approx(0.5, abs=0.03)  # unrelated: 1/sqrt(4), as independent vectors
+
+
+def test_exact_topk_and_recall_against_full_sort():
+    rng = np.random.default_rng(1)
+    base = gallery.l2n(rng.standard_normal((250_000 // 100, 32), dtype=np.float32))
+    queries = gallery.l2n(rng.standard_normal((5, 32), dtype=np.float32))
+    exact = gallery.exact_topk(base, queries, 10)
+    full = np.argsort(-(queries @ base.T), axis=1)[:, :10]
+    assert np.array_equal(exact, full)
+    assert gallery.recall(exact, full, 10) == 1.0
+    assert gallery.recall(exact[:, ::-1], full, 1) == 0.0  # the 10th is never the 1st
+    assert np.array_equal(gallery.numpy_search(base, queries[0], 10), full[0])
+
+
+def test_cli_writes_result_json_and_docs(bench_env, tmp_path):
+    results, docs = tmp_path / "results", tmp_path / "benchmarks.md"
+    rc = main(["--part", "training", "--smoke", "--results-dir", str(results),
+               "--docs", str(docs), "--workdir", str(bench_env)])
+    assert rc == 0
+    record = json.loads((results / "training.json").read_text())
+    assert record["environment"]["cpu_model"] and record["mode"] == "smoke"
+    (row,) = record["rows"]
+    assert row["backbone"] == "mobilefacenet" and row["images_per_s"] > 0
+    assert math.isfinite(row["last_loss"])
+    text = docs.read_text()
+    assert record["command"] in text and "| mobilefacenet |" in text
+    assert "Not run yet: `make bench PART=gallery`" in text
+
+
+def test_pipeline_part_runs_both_pipelines_on_real_photos(bench_env):
+    result = pipeline.run({"pairs": 1}, bench_env)
+    for name in ("facegate", "face_recognition (dlib)"):
+        system = result["systems"][name]
+        assert system["verify"]["n"] == 1
+        assert all(system["stages"][s]["n"] == 2 for s in pipeline.STAGES)
+    assert "insightface FaceAnalysis" in result["skipped"]
+    text = pipeline.markdown(result)
+    assert "| detect |" in text and "whole verify" in text
+
+
+def test_gallery_part_indexes_agree_with_exact_search(bench_env):
+    sizes = {"sizes": [1_500], "hnsw_max": 1_500, "queries": 6, "real_photos": 4,
+             "per_identity": 2, "search_budget_s": 0.5, "bandwidth_mib": 8,
+             "store_templates": 8}
+    result = gallery.run(sizes, bench_env)
+    rows = {r["index"].split(" (")[0]: r for r in result["rows"]}
+    assert rows["facegate flat"]["recall_at_10"] == 1.0
+    assert rows["NumPy brute force"]["recall_at_10"] == 1.0
+    assert 0 < rows["facegate hnsw"]["recall_at_10"] <= 1.0
+    assert result["bandwidth"]["read_gb_s"] > 0
+    assert all(r["bandwidth_bound_ms"] > 0 for r in result["rows"])
+    assert result["store"]["templates"] == 8
+    assert "NumPy brute force (peer)" in gallery.markdown(result)
+
+
+def test_server_part_serves_real_requests_in_both_modes(bench_env):
+    sizes = {"people": 1, "concurrency": [1], "requests": {1: 1}, "budget_s": 30.0,
+             "long_requests": 2, "long_budget_s": 30.0, "long_concurrency": 1}
+    result = server.run(sizes, bench_env)
+    for mode in server.MODES:
+        assert result["modes"][mode]["enrolled"] == 1
+        for row in result["modes"][mode]["rows"]:
+            assert row["ok"] == 1 and not row["errors"], row
+    long_run = result["long_run"]
+    assert long_run["ok"] == 2 and long_run["rss_start_mb"] > 0
+    assert "req/s ratio" in server.markdown(result)
+
+
+def test_embedder_part_measures_both_embedders(bench_env):
+    from bench import embedder
+
+    result = embedder.run({"batches": [1, 2], "min_crops": 2, "budget_s": 1.0, "real_crops": 2},
+                          bench_env)
+    assert [r["batch"] for r in result["rows"]] == [1, 2]
+    assert all(r["facegate"]["crops_per_s"] > 0 and r["dlib"]["crops_per_s"] > 0
+               for r in result["rows"])
+    assert "pending: no GPU" in embedder.markdown(result)
+    assert training.SIZES["full"]["batch"] == 32
