@@ -322,6 +322,7 @@ def train(
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
 
     epoch, batches_done, step = 0, 0, 0
+    resume_rng: dict[str, Any] | None = None
     ckpt_path = out / CHECKPOINT
     if resume and ckpt_path.is_file():
         ckpt = torch.load(ckpt_path, map_location=rt.device, weights_only=False)
@@ -333,7 +334,8 @@ def train(
         epoch, batches_done, step = ckpt["epoch"], ckpt["batches_done"], ckpt["step"]
         if batches_done >= steps_per_epoch:
             epoch, batches_done = epoch + 1, 0
-        set_rng_state(ckpt["rng"][min(rt.rank, len(ckpt["rng"]) - 1)])
+        # Restored once the resumed epoch's loader iterator exists: creating it draws a seed.
+        resume_rng = ckpt["rng"][min(rt.rank, len(ckpt["rng"]) - 1)]
     elif resume and rt.main:
         print(f"no {ckpt_path} to resume from; starting afresh")
 
@@ -385,7 +387,11 @@ def train(
         bar = tqdm(total=steps_per_epoch, initial=batches_done, desc=f"epoch {epoch}",
                    disable=not (progress and rt.main), unit="batch")
         tick = time.perf_counter()
-        for batch in loader:
+        iterator = iter(loader)
+        if resume_rng is not None:
+            set_rng_state(resume_rng)
+            resume_rng = None
+        for batch in iterator:
             images = batch[0].to(rt.device, non_blocking=True)
             labels = batch[1].to(rt.device, non_blocking=True)
             t_batch = batch[2].to(rt.device, non_blocking=True) if teacher is not None else None
