@@ -71,8 +71,12 @@ class Runtime:
 
 
 def setup_runtime() -> Runtime:
-    """Join the process group when launched by torchrun; pick this rank's device."""
-    torch.set_num_threads(os.cpu_count() or 1)
+    """Join the process group when launched by torchrun; pick this rank's device.
+
+    CPU threads: all cores, shared evenly by the ranks of this machine.
+    """
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_ranks))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     cuda = torch.cuda.is_available()
     if "WORLD_SIZE" in os.environ and not dist.is_initialized():
