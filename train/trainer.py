@@ -510,7 +510,7 @@ def finalize(model: TrainModel, split: Split, cfg: Config, out: Path, log: RunLo
 
     plots = plot_training(log.records, out)
     vals = [r for r in log.records if r.get("kind") == "val"]
-    epochs = [r for r in log.records if r.get("kind") == "epoch"]
+    speeds = [r for r in log.records if r.get("kind") in ("epoch", "step")]
     summary = {
         "name": cfg.name, "epochs": cfg.train.epochs, "epoch": payload["epoch"],
         "step": payload["step"], "steps_per_epoch": payload["steps_per_epoch"],
@@ -519,7 +519,7 @@ def finalize(model: TrainModel, split: Split, cfg: Config, out: Path, log: RunLo
         "test_identities": len(split.test.identities) if split.test is not None else 0,
         "test_crops": len(split.test) if split.test is not None else 0,
         "world_size": rt.world_size, "device": str(rt.device),
-        "imgs_per_s": epochs[-1]["imgs_per_s"] if epochs else None,
+        "imgs_per_s": speeds[-1]["imgs_per_s"] if speeds else None,
         "validation": vals[-1] if vals else None,
         "seconds": round(time.perf_counter() - started, 1),
         "checkpoint": str(out / CHECKPOINT), "plots": [p.name for p in plots],
