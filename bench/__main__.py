@@ -28,9 +28,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path,
                         default=Path(tempfile.gettempdir()) / "facegate-bench",
                         help="scratch space (stand-in bundle, galleries, server logs)")
+    parser.add_argument("--docs-only", action="store_true",
+                        help="only regenerate the document from the results on disk")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    parts = PARTS if args.part == "all" else (args.part,)
+    parts = () if args.docs_only else PARTS if args.part == "all" else (args.part,)
     mode = "smoke" if args.smoke else "full"
     command = "make bench PART=" + args.part if not args.smoke else (
         "python -m bench " + shlex.join(sys.argv[1:] if argv is None else argv))
