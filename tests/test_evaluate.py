@@ -103,3 +103,19 @@ def test_evaluate_bin_set_reports_tar_at_far(checkpoint, crops_root, tmp_path): 
 def test_evaluate_rejects_unknown_model(crops_root, tmp_path):  # noqa: F811
     with pytest.raises(EvaluationError):
         evaluate(tmp_path / "missing.onnx", crops_root, out=tmp_path)
+
+
+def test_evaluate_precomputed_teacher_embeddings(crops_root, tmp_path):  # noqa: F811
+    """dlib's descriptors from prepare --teacher evaluate on the same pairs as any model."""
+    teacher = crops_root / "teacher_dlib.npz"
+    result = evaluate(teacher, crops_root, out=tmp_path / "eval_teacher")
+    assert result["model"] == {"kind": "precomputed", "path": str(teacher),
+                               "vectors": len(CropFolder(crops_root))}
+    assert result["threshold"] is None and result["threshold_source"] == "none"
+    # dlib's pretrained ResNet separates these 8 celebrities almost perfectly.
+    assert result["accuracy"] >= 0.9
+    with np.load(teacher) as table:
+        incomplete = {key: table[key] for key in table.files[1:]}
+    np.savez(tmp_path / "incomplete.npz", **incomplete)
+    with pytest.raises(EvaluationError, match="no embedding for 1 crops"):
+        evaluate(tmp_path / "incomplete.npz", crops_root, out=tmp_path / "eval_bad")

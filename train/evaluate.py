@@ -1,8 +1,10 @@
 """``facegate evaluate MODEL DATA``: verification figures of a model on held-out pairs.
 
 MODEL is an exported bundle folder (embedded through ``facegate.core.embed``, the
-same runtime the server uses) or a training checkpoint ``.pt`` (embedded with
-torch). DATA is a prepared crops folder (pairs: every genuine pair plus as many
+same runtime the server uses), a training checkpoint ``.pt`` (embedded with
+torch), or a ``.npz`` of precomputed embeddings keyed by crop path relative to
+DATA (e.g. ``teacher_dlib.npz`` from ``facegate prepare --teacher dlib``: the
+reference figures of dlib's pretrained ResNet on exactly the same pairs). DATA is a prepared crops folder (pairs: every genuine pair plus as many
 seeded random impostor pairs) or an insightface ``.bin`` set. The model's own
 threshold t is applied as is: nothing is tuned on the test pairs except the
 10-fold accuracy's per-fold threshold, which is the protocol.
@@ -25,7 +27,8 @@ from tqdm import tqdm
 
 FARS = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
 OPIS_POINTS = 101
-Embed = Callable[[np.ndarray], np.ndarray]
+# Embeds the evaluation images; gets (uint8 crops, their keys: crop paths relative to DATA or None).
+Embed = Callable[[np.ndarray, "list[str] | None"], np.ndarray]
 
 
 class EvaluationError(FacegateError):
@@ -189,7 +192,13 @@ def load_model(path: str | Path, *, flip: bool = True) -> tuple[Embed, float | N
         embedder = create_embedder(bundle, flip=flip)
         info = {"kind": "bundle", "path": str(path), "model_id": bundle.model_id,
                 "runtime": embedder.runtime}
-        return embedder.embed, bundle.threshold, bundle.threshold_source, info
+        return (lambda images, keys: embedder.embed(images)), bundle.threshold, \
+            bundle.threshold_source, info
+    if path.suffix == ".npz" and path.is_file():
+        with np.load(path) as table:
+            vectors = {key: table[key] for key in table.files}
+        info = {"kind": "precomputed", "path": str(path), "vectors": len(vectors)}
+        return (lambda images, keys: lookup_embeddings(vectors, keys, path)), None, "none", info
     if path.suffix == ".pt" and path.is_file():
         import torch
         from facegate.train.backbones import get_backbone
@@ -200,12 +209,23 @@ def load_model(path: str | Path, *, flip: bool = True) -> tuple[Embed, float | N
         info = {"kind": "checkpoint", "path": str(path), "epoch": ckpt.get("epoch"),
                 "step": ckpt.get("step"), "runtime": "torch-cpu"}
         return (
-            lambda images: embed_torch(backbone, images, flip=flip, progress=True),
+            lambda images, keys: embed_torch(backbone, images, flip=flip, progress=True),
             ckpt.get("threshold"),
             ckpt.get("threshold_source", "none"),
             info,
         )
-    raise EvaluationError(f"{path}: neither a bundle folder nor a checkpoint .pt file")
+    raise EvaluationError(f"{path}: neither a bundle folder, a checkpoint .pt nor a .npz file")
+
+
+def lookup_embeddings(vectors: dict[str, np.ndarray], keys: list[str] | None, source: Path) -> np.ndarray:
+    """L2-normalised precomputed embeddings of the evaluation crops, in order."""
+    if keys is None:
+        raise EvaluationError(f"{source}: precomputed embeddings need a crops folder as DATA")
+    missing = [key for key in keys if key not in vectors]
+    if missing:
+        raise EvaluationError(f"{source}: no embedding for {len(missing)} crops, e.g. {missing[0]}")
+    table = np.stack([vectors[key] for key in keys]).astype(np.float32)
+    return table / np.linalg.norm(table, axis=1, keepdims=True)
 
 
 # ---------------------------------------------------------------- data
@@ -213,15 +233,18 @@ def load_model(path: str | Path, *, flip: bool = True) -> tuple[Embed, float | N
 
 def load_pairs(
     data: str | Path, identities: Sequence[str] | None = None, seed: int = 0
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
-    """(images, first, second, same, pair identities (P, 2) or None) of a crops folder or .bin."""
+) -> tuple[np.ndarray, list[str] | None, np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """(images, keys, first, second, same, pair identities (P, 2)) of a crops folder or .bin.
+
+    ``keys`` (crop paths relative to DATA) and pair identities are None for a .bin set.
+    """
     data = Path(data)
     if data.suffix == ".bin":
         from facegate.train.binset import load_bin
 
         images, issame = load_bin(data, progress=True)
         first = np.arange(0, len(images), 2)
-        return images, first, first + 1, issame, None
+        return images, None, first, first + 1, issame, None
     from facegate.train.data import CropFolder, make_pairs
 
     try:
@@ -231,7 +254,8 @@ def load_pairs(
     first, second, same = make_pairs(folder.labels, seed=seed)
     names = np.asarray(folder.identities)[folder.labels]
     images = folder.load(progress=True)
-    return images, first, second, same, np.stack([names[first], names[second]], axis=1)
+    pair_ids = np.stack([names[first], names[second]], axis=1)
+    return images, folder.relative_paths, first, second, same, pair_ids
 
 
 def evaluate(
@@ -249,10 +273,10 @@ def evaluate(
     embed, model_t, source, info = load_model(model, flip=flip)
     if threshold is not None:
         model_t, source = threshold, "command-line"
-    images, first, second, same, pair_ids = load_pairs(data, identities)
+    images, keys, first, second, same, pair_ids = load_pairs(data, identities)
     if same.all() or not same.any():
         raise EvaluationError(f"{data}: needs both genuine and impostor pairs")
-    scores = pair_scores(embed(images), first, second)
+    scores = pair_scores(embed(images, keys), first, second)
     result: dict[str, Any] = {"model": info, "data": str(data), "images": int(len(images)),
                               "threshold_source": source, "flip": flip}
     result.update(verification_metrics(scores, same, model_t))
@@ -288,7 +312,8 @@ def format_table(result: dict[str, Any]) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", type=Path, help="bundle folder or checkpoint .pt")
+    parser.add_argument("model", type=Path,
+                        help="bundle folder, checkpoint .pt, or .npz of embeddings keyed by crop path")
     parser.add_argument("data", type=Path, help="prepared crops folder or a .bin verification set")
     parser.add_argument("--identities", type=Path,
                         help="split.json of a run (its 'test' list) or a text file, one identity a line")
