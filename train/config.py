@@ -70,7 +70,8 @@ class TCMConfig:
 @dataclass
 class DistillConfig:
     enabled: bool = False
-    weight: float = 1.0
+    weight: float = 1.0  # relational term: pairwise cosines match the teacher's
+    direct: float = 0.0  # 1 - cos(student, teacher) per sample; needs equal dimensions
 
 
 @dataclass

@@ -160,7 +160,8 @@ class TrainModel(nn.Module):
         t = loss.tcm
         self.tcm = (losses.TCMRegularizer(t.pos_margin, t.neg_margin, t.pos_weight, t.neg_weight)
                     if t.enabled else None)
-        self.distill = (losses.SimilarityDistillation(weight=loss.distill.weight)
+        self.distill = (losses.SimilarityDistillation(weight=loss.distill.weight,
+                                                     direct=loss.distill.direct)
                         if loss.distill.enabled else None)
 
     def heads(self) -> dict[str, nn.Module]:
