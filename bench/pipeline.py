@@ -217,6 +217,9 @@ def markdown(result: dict) -> str:
         "5-point predictor.\n\n"
     )
     text += table(headers, rows)
+    missed = {n: s["pairs_without_face"] for n, s in systems.items() if s["pairs_without_face"]}
+    if missed:
+        text += f"\nPairs left out because a photo had no detected face: {missed}.\n"
     for name, why in result["skipped"].items():
         text += f"\n{name}: {why}.\n"
     slower = [
