@@ -68,7 +68,7 @@ def five_points_from_68(shape68: np.ndarray) -> np.ndarray:
     return np.stack([eye_a, eye_b, pts[30], mouth_a, mouth_b]).astype(np.float32)
 
 
-def _face_recognition_models_file(name: str) -> Path:
+def dlib_model_file(name: str) -> Path:
     """A model file from face_recognition_models, found without importing it (its import needs pkg_resources)."""
     spec = importlib.util.find_spec("face_recognition_models")
     if spec is None or not spec.submodule_search_locations:
@@ -100,7 +100,7 @@ class _DlibModels:
                 if cls._predictor is None:
                     import dlib
 
-                    path = _face_recognition_models_file("shape_predictor_68_face_landmarks.dat")
+                    path = dlib_model_file("shape_predictor_68_face_landmarks.dat")
                     cls._predictor = dlib.shape_predictor(str(path))
         return cls._predictor
 
@@ -120,7 +120,7 @@ class _DlibModels:
                 if cls._cnn is None:
                     import dlib
 
-                    path = _face_recognition_models_file("mmod_human_face_detector.dat")
+                    path = dlib_model_file("mmod_human_face_detector.dat")
                     cls._cnn = dlib.cnn_face_detection_model_v1(str(path))
         return cls._cnn
 

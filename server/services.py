@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import faiss
 import numpy as np
 from facegate.core.bundle import Bundle, load_bundle
 from facegate.core.detect import create_detector
@@ -107,6 +108,7 @@ async def start_services(settings: Settings, metrics: ServerMetrics) -> Services
     await batcher.start()
     await batcher.embed(np.zeros((1, 112, 112, 3), np.uint8))  # warm the runtime
     settings.gallery.parent.mkdir(parents=True, exist_ok=True)
+    faiss.omp_set_num_threads(settings.faiss_threads)
     gallery = GalleryWorker(
         lambda: Gallery(
             settings.gallery,

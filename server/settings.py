@@ -39,6 +39,10 @@ class Settings(BaseSettings):
     batch_max_size: int = Field(32, ge=1)
     batch_max_wait_ms: float = Field(2.0, ge=0)
     cpu_workers: int = Field(4, ge=1, description="threads for decode/detect/align")
+    faiss_threads: int = Field(
+        1, ge=1, description="OpenMP threads per gallery search: 1 suits one query per request "
+        "(several threads wait on each other on a busy CPU; see docs/benchmarks.md)"
+    )
     index: str = Field("flat", description="FAISS index kind of the gallery")
     keep_crops: bool = Field(False, description="store aligned crops with templates")
     cors_origins: Annotated[list[str], NoDecode] = Field(

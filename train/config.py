@@ -108,7 +108,7 @@ class TrainConfig:
 
 @dataclass
 class AugmentConfig:
-    flip: bool = True  # random horizontal flip (data.CropDataset flips whenever it augments)
+    flip: bool = True  # random horizontal flip, p = 0.5
     min_scale: float = 0.85  # random resized crop of >= this area: scale + shift (1 = off)
     color: float = 0.0  # brightness/contrast/saturation jitter amplitude (0 = off)
 
@@ -239,9 +239,6 @@ def validate(cfg: Config) -> None:
         raise ConfigError("loss.distill.enabled needs data.teacher (an .npz of teacher embeddings)")
     if not 0 < cfg.augment.min_scale <= 1:
         raise ConfigError(f"augment.min_scale must be in (0, 1], got {cfg.augment.min_scale}")
-    if not cfg.augment.flip and (cfg.augment.min_scale < 1 or cfg.augment.color > 0):
-        raise ConfigError("augment.flip=false needs min_scale=1 and color=0: the crop dataset "
-                          "flips whenever it augments")
     if cfg.loss.tcm.enabled and cfg.train.k < 2:
         raise ConfigError("loss.tcm needs train.k >= 2 so a batch holds positive pairs")
 

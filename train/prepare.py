@@ -32,7 +32,7 @@ import cv2
 import numpy as np
 from facegate.core.align import align
 from facegate.core.detect import DlibDetector, select_face
-from facegate.core.detect import _face_recognition_models_file as find_dlib_model
+from facegate.core.detect import dlib_model_file as find_dlib_model
 from facegate.core.errors import FacegateError
 from facegate.core.image import decode
 from tqdm import tqdm

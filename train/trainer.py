@@ -316,7 +316,7 @@ def train(
     dataset = train_data.CropDataset(
         split.train_images, split.train.labels, teacher,
         augment=aug.flip or aug.min_scale < 1 or aug.color > 0,
-        min_scale=aug.min_scale, jitter=aug.color,
+        flip=aug.flip, min_scale=aug.min_scale, jitter=aug.color,
     )
     sampler = train_data.PKSampler(split.train.labels, p=cfg.train.p, k=cfg.train.k,
                                    seed=cfg.seed, rank=rt.rank, world_size=rt.world_size)
