@@ -169,3 +169,17 @@ def test_resume_continues_exactly(crops_root, tmp_path):
     np.testing.assert_allclose(
         [r["loss"] for r in read_log(resumed) if r["kind"] == "step"],
         [r["loss"] for r in read_log(straight) if r["kind"] == "step"], rtol=1e-5)
+
+
+def test_teacher_vectors_are_centred(crops_root):
+    """dlib's descriptors share a narrow cone; distillation uses them centred."""
+    from facegate.train.data import CropFolder
+    from facegate.train.trainer import load_teacher
+
+    paths = CropFolder(crops_root).relative_paths
+    raw = CropFolder(crops_root).teacher("dlib")
+    centred = load_teacher(str(crops_root / "teacher_dlib.npz"), paths)
+    np.testing.assert_allclose(centred.mean(axis=0), 0.0, atol=1e-5)
+    np.testing.assert_allclose(centred, raw - raw.mean(axis=0), atol=1e-6)
+    unit = raw / np.linalg.norm(raw, axis=1, keepdims=True)
+    assert (unit @ unit.T).min() > 0.5  # the cone: every pair, even of two people, is close
