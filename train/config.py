@@ -77,6 +77,7 @@ class DistillConfig:
 @dataclass
 class LossConfig:
     head: str = "cosface"  # cosface | arcface | softmax
+    head_weight: float = 1.0  # multiplier of the sample-to-class loss (< 1 when distilling)
     s: float = 64.0
     margin: float = 0.4
     uss: USSConfig = field(default_factory=USSConfig)

@@ -154,6 +154,7 @@ class TrainModel(nn.Module):
         self.uss = (uss_classes[loss.uss.variant](num_classes, d, s=loss.uss.s, m=loss.uss.m)
                     if loss.uss.enabled else None)
         self.uss_weight = loss.uss.weight
+        self.head_weight = loss.head_weight
         self.discface = (losses.DiscFaceRegularizer(d, weight=loss.discface.weight,
                                                     clip=loss.discface.clip)
                          if loss.discface.enabled else None)
@@ -173,7 +174,7 @@ class TrainModel(nn.Module):
         uss_active: bool,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         embeddings = self.backbone(images).float()
-        terms = {"loss_head": self.head(embeddings, labels)}
+        terms = {"loss_head": self.head_weight * self.head(embeddings, labels)}
         if self.uss is not None and uss_active:
             terms["loss_uss"] = self.uss_weight * self.uss(embeddings, labels)
         if self.discface is not None:
