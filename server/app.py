@@ -265,8 +265,8 @@ def build_v1_router() -> APIRouter:
         prepared: list[PreparedFace] = results  # type: ignore[assignment]
         embeddings, embed_s = await services.embed(np.stack([p.crop for p in prepared]))
         similarity = float(np.dot(embeddings[0], embeddings[1]))
-        threshold = services.bundle.threshold if override is None else override
-        source = services.bundle.threshold_source if override is None else "request"
+        threshold = services.threshold if override is None else override
+        source = services.threshold_source if override is None else "request"
         match = similarity >= threshold
         services.metrics.observe_decision("verify", similarity, match)
         timings = {k: _ms(v) for k, v in _sum_timings(prepared).items()}
@@ -413,7 +413,7 @@ def build_v1_router() -> APIRouter:
         hits = await services.gallery.call(lambda g: g.search(embeddings[0], k))
         search_s = time.perf_counter() - t0
         services.metrics.stage.labels("search").observe(search_s)
-        threshold = services.bundle.threshold
+        threshold = services.threshold
         candidates = [
             schemas.Candidate(
                 identity_id=h.identity_id,
@@ -462,7 +462,7 @@ def build_v1_router() -> APIRouter:
         embeddings, embed_s = await services.embed(prepared.crop[None])
         sims = templates @ embeddings[0] if len(templates) else np.zeros(0, np.float32)
         similarity = float(sims.max()) if len(sims) else -1.0
-        threshold = services.bundle.threshold
+        threshold = services.threshold
         match = similarity >= threshold
         await services.gallery.call(
             lambda g: g.record_decision(identity_id, similarity, match, "verify_identity")
@@ -475,7 +475,7 @@ def build_v1_router() -> APIRouter:
             similarity=similarity,
             similarities=[float(s) for s in sims],
             threshold=threshold,
-            threshold_source=services.bundle.threshold_source,
+            threshold_source=services.threshold_source,
             face=schemas.FaceInfo(**prepared.face_dict()),
             timings_ms={**timings, "embed": _ms(embed_s), "total": _ms(time.perf_counter() - start)},
         )
@@ -490,7 +490,7 @@ def build_v1_router() -> APIRouter:
         """Genuine and impostor scores from the enrolled templates give each identity its
         FRR/FAR at the bundle threshold and its own threshold at the target FAR; OPIS sums
         up how much the identities disagree. Refreshes the per-identity gauges of /metrics."""
-        threshold = services.bundle.threshold
+        threshold = services.threshold
         report = await services.gallery.call(
             lambda g: consistency_report(
                 g, threshold, target_far=settings.target_far, worst=settings.metrics_worst_n

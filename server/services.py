@@ -63,6 +63,16 @@ class Services:
     gallery: GalleryWorker
     metrics: ServerMetrics
 
+    @property
+    def threshold(self) -> float:
+        """The accept threshold: the operator's FACEGATE_THRESHOLD, else the bundle's (learned t)."""
+        override = self.settings.threshold
+        return self.bundle.threshold if override is None else override
+
+    @property
+    def threshold_source(self) -> str:
+        return self.bundle.threshold_source if self.settings.threshold is None else "operator"
+
     async def embed(self, crops: np.ndarray) -> tuple[np.ndarray, float]:
         """L2-normalised embeddings of ``crops`` and the seconds spent waiting for them."""
         t0 = time.perf_counter()

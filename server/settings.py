@@ -34,6 +34,11 @@ class Settings(BaseSettings):
     max_image_bytes: int = Field(10_000_000, gt=0)
     max_image_pixels: int = Field(40_000_000, gt=0)
     max_request_bytes: int = Field(25_000_000, gt=0, description="whole request body limit")
+    threshold: float | None = Field(
+        None, gt=-1.0, lt=1.0,
+        description="operator override of the bundle's threshold (e.g. one calibrated on your "
+        "own people at your target FAR); responses then say threshold_source 'operator'",
+    )
     allow_threshold_override: bool = False
     batching: bool = Field(True, description="micro-batch embeddings across requests")
     batch_max_size: int = Field(32, ge=1)

@@ -154,6 +154,16 @@ def test_threshold_override_needs_permission(client, strict_client, photos):
     assert allowed["match"] is True
 
 
+def test_operator_threshold_replaces_the_bundle_threshold(bundle, tmp_path, photos):
+    """FACEGATE_THRESHOLD applies to every decision and says so; the bundle's t is the default."""
+    a, b = next(iter(photos.values()))[:2]
+    settings = Settings(bundle=bundle, gallery=tmp_path / "g.sqlite", threshold=0.999, cpu_workers=1)
+    with TestClient(create_app(settings)) as c:
+        result = c.post("/v1/verify", files={"image1": a, "image2": b}).json()
+    assert result["threshold"] == 0.999 and result["threshold_source"] == "operator"
+    assert result["match"] is (result["similarity"] >= 0.999)
+
+
 @pytest.mark.parametrize(
     ("image", "status", "code"),
     [
