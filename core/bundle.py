@@ -321,6 +321,7 @@ def _write_manifest(root: Path, manifest: dict[str, Any]) -> None:
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes it 0600: the server may run as another user
         os.replace(tmp, root / MANIFEST_NAME)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -98,7 +98,7 @@ async def start_services(settings: Settings, metrics: ServerMetrics) -> Services
     loop = asyncio.get_running_loop()
     bundle = await loop.run_in_executor(None, load_bundle, settings.bundle)
     embedder = await loop.run_in_executor(
-        None, lambda: create_embedder(bundle, runtime=settings.runtime)
+        None, lambda: create_embedder(bundle, runtime=settings.runtime, flip=settings.flip)
     )
     pipeline = FacePipeline(
         _detector_factory(settings),

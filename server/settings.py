@@ -39,6 +39,10 @@ class Settings(BaseSettings):
         description="operator override of the bundle's threshold (e.g. one calibrated on your "
         "own people at your target FAR); responses then say threshold_source 'operator'",
     )
+    flip: bool = Field(
+        True, description="embed each crop plus its mirror image (as training validation and "
+        "facegate evaluate do, so served decisions match the reported figures); ~2x embed cost"
+    )
     allow_threshold_override: bool = False
     batching: bool = Field(True, description="micro-batch embeddings across requests")
     batch_max_size: int = Field(32, ge=1)

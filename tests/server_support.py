@@ -21,51 +21,10 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_BUNDLE = REPO / "models" / "default"
 
 
-def real_model_available() -> bool:
-    return (DEFAULT_BUNDLE / "manifest.json").is_file()
-
-
 def build_bundle(folder: Path) -> Path:
-    """models/default when it exists, else a throwaway bundle: a fixed random projection.
-
-    The throwaway embeds any crop, so the whole serving path runs; only the tests about
-    recognition quality need the real model (they skip until it lands).
-    """
-    if real_model_available():
-        return DEFAULT_BUNDLE
-    import onnx
-    from facegate.core.bundle import write_bundle
-    from onnx import TensorProto, helper, numpy_helper
-
-    rng = np.random.default_rng(0)
-    weight = rng.standard_normal((3 * 112 * 112, 128)).astype(np.float32)
-    graph = helper.make_graph(
-        [
-            helper.make_node("Flatten", ["input"], ["flat"], axis=1),
-            helper.make_node("MatMul", ["flat", "weight"], ["embedding"]),
-        ],
-        "random_projection",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 112, 112])],
-        [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["N", 128])],
-        [numpy_helper.from_array(weight, "weight")],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    folder.mkdir(parents=True, exist_ok=True)
-    onnx_file = folder / "projection.onnx"
-    onnx.save(model, onnx_file)
-    bundle_dir = folder / "bundle"
-    write_bundle(
-        bundle_dir,
-        onnx_file=onnx_file,
-        name="test-projection",
-        version="0",
-        embedding_size=128,
-        threshold=0.5,
-        threshold_source="test",
-        threshold_provenance="fixed for tests: a random projection, not a face model",
-    )
-    return bundle_dir
+    """The committed default model bundle (``folder`` is unused: the bundle is read-only)."""
+    assert (DEFAULT_BUNDLE / "manifest.json").is_file(), f"no model bundle at {DEFAULT_BUNDLE}"
+    return DEFAULT_BUNDLE
 
 
 def people(celeba_index: list[tuple[Path, str]]) -> dict[str, list[Path]]:

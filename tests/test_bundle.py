@@ -66,6 +66,7 @@ def test_round_trip(tmp_path):
     # The manifest on disk is plain JSON with the same content.
     on_disk = json.loads((tmp_path / "bundle" / MANIFEST_NAME).read_text())
     assert on_disk == loaded.manifest
+    assert (tmp_path / "bundle" / MANIFEST_NAME).stat().st_mode & 0o777 == 0o644  # readable by all
     # Loading through the manifest path works too.
     assert load_bundle(tmp_path / "bundle" / MANIFEST_NAME) == loaded
 
