@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 FG=.venv/bin/facegate
 CROPS=${CROPS:-data/celeba-crops}
 RUNS=${RUNS:-runs/cmp}
-EPOCHS=${EPOCHS:-6}
+EPOCHS=${EPOCHS:-4}
 COMMON=(--set data.root="$CROPS" --set data.teacher="$CROPS/teacher_dlib.npz" --set train.epochs="$EPOCHS")
 DISTILL=(--set loss.distill.enabled=true --set loss.distill.weight=10 --set loss.distill.direct=10 --set loss.head_weight=0.1 --set loss.uss.weight=0.1)
 
