@@ -10,6 +10,7 @@ serves on a laptop, in CI and on a GPU box. Preprocessing follows the bundle's
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -64,6 +65,17 @@ def preprocess(crops: np.ndarray, input_spec: dict) -> np.ndarray:
     if input_spec["layout"] == "NCHW":
         x = x.transpose(0, 3, 1, 2)
     return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def embed_flipped(
+    raw: Callable[[np.ndarray], np.ndarray], crops: np.ndarray, flip: bool
+) -> np.ndarray:
+    """L2-normalised ``raw(crops)``; with ``flip`` plus the mirror images' raw outputs
+    (UniTSFace's evaluation), summed before normalising. Shared by every runtime."""
+    out = raw(crops)
+    if flip:
+        out = out + raw(np.ascontiguousarray(crops[:, :, ::-1]))
+    return l2_normalise(out)
 
 
 def l2_normalise(x: np.ndarray) -> np.ndarray:
@@ -142,10 +154,7 @@ class OnnxEmbedder:
         return out
 
     def embed(self, crops: np.ndarray) -> np.ndarray:
-        raw = self.raw(crops)
-        if self.flip:
-            raw = raw + self.raw(np.ascontiguousarray(crops[:, :, ::-1]))
-        return l2_normalise(raw)
+        return embed_flipped(self.raw, crops, self.flip)
 
 
 def _try_tensorrt(bundle: Bundle, flip: bool) -> Embedder | None:

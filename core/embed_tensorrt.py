@@ -361,12 +361,9 @@ class TensorRTEmbedder:
         return out
 
     def embed(self, crops: np.ndarray) -> np.ndarray:
-        from facegate.core.embed import l2_normalise
+        from facegate.core.embed import embed_flipped
 
-        raw = self.raw(crops)
-        if self.flip:
-            raw = raw + self.raw(np.ascontiguousarray(crops[:, :, ::-1]))
-        return l2_normalise(raw)
+        return embed_flipped(self.raw, crops, self.flip)
 
     def close(self) -> None:
         self.session.close()
