@@ -54,7 +54,8 @@ def facegate_stages(bundle_path: Path) -> Stages:
     from facegate.core.image import decode
 
     detector = DlibDetector()
-    embedder = create_embedder(load_bundle(bundle_path), runtime="onnxruntime-cpu")
+    # flip on, as the server embeds by default
+    embedder = create_embedder(load_bundle(bundle_path), runtime="onnxruntime-cpu", flip=True)
 
     def run(data: bytes) -> tuple[np.ndarray, dict[str, float]]:
         t0 = time.perf_counter()
@@ -209,7 +210,8 @@ def markdown(result: dict) -> str:
     text = (
         f"One verify of two real photos of the same person ({result['pairs']} pairs from "
         f"the shared CelebA subset, one warm-up call first), timed per stage. "
-        f"facegate runs `{model['model_id']}` ({model['embedding_size']}-d) on ORT CPU"
+        f"facegate runs `{model['model_id']}` ({model['embedding_size']}-d) on ORT CPU "
+        f"with flip (crop + mirror, the server default)"
         + (" (an untrained stand-in MobileFaceNet: speed only)" if model["stand_in"] else "")
         + "; face_recognition is rebuilt from dlib and face_recognition_models "
         "(HOG upsample 1, 5-point shape predictor, 150 px chip, dlib ResNet). "
