@@ -31,10 +31,11 @@ def test_best_accuracy_threshold_separates_when_possible():
     assert metrics.accuracy_at(scores, labels, t) == pytest.approx(5 / 6)
 
 
-def test_reachable_fars_need_ten_over_far_impostors():
-    assert reachable_fars(99) == []
-    assert reachable_fars(100) == [1e-1]
-    assert reachable_fars(10_000) == [1e-1, 1e-2, 1e-3]
+def test_reachable_fars_need_five_over_far_impostors():
+    assert reachable_fars(49) == []
+    assert reachable_fars(50) == [1e-1]
+    assert reachable_fars(8_880) == [1e-1, 1e-2, 1e-3]
+    assert reachable_fars(49_999) == [1e-1, 1e-2, 1e-3]
 
 
 def test_identity_metrics_per_identity_rates_and_thresholds():
