@@ -52,11 +52,40 @@ def table(runs: list[Path]) -> str:
     return "\n".join(lines)
 
 
+def plot_rocs(runs: list[Path], path: Path) -> None:
+    """Every run's ROC (from its eval/scores.npz) on one log-FAR plot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from facegate.core import metrics
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for run in runs:
+        with np.load(run / "eval" / "scores.npz") as data:
+            far, tar, _ = metrics.roc_curve(data["scores"], data["same"])
+        keep = far > 0
+        ax.plot(far[keep], tar[keep], label=run.name)
+    ax.set_xscale("log")
+    ax.set_xlabel("false accept rate")
+    ax.set_ylabel("true accept rate")
+    ax.set_title("ROC on the 48 held-out identities")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", type=Path, help="run folders, in table order")
+    parser.add_argument("--roc", type=Path, help="also write the overlaid ROC curves here")
     args = parser.parse_args(argv)
     print(table(args.runs))
+    if args.roc:
+        plot_rocs(args.runs, args.roc)
     return 0
 
 

@@ -296,6 +296,7 @@ def evaluate(
                 if "best_threshold" in r]
         plot_threshold_histogram(best, model_t, out_dir / "thresholds.png")
     (out_dir / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+    np.savez_compressed(out_dir / "scores.npz", scores=scores, same=same)  # for overlaid ROCs
     result["out"] = str(out_dir)
     return result
 
