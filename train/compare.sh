@@ -14,7 +14,8 @@ DISTILL=(--set loss.distill.enabled=true --set loss.distill.weight=10 --set loss
 
 train_and_evaluate() {  # NAME CONFIG [extra overrides...]
   local name=$1 config=$2; shift 2
-  [ -f "$RUNS/$name/summary.json" ] || $FG train "$config" --out "$RUNS/$name" --quiet \
+  # --resume: an interrupted run continues from its last checkpoint instead of starting over
+  [ -f "$RUNS/$name/summary.json" ] || $FG train "$config" --out "$RUNS/$name" --quiet --resume \
     --set name="$name" "${COMMON[@]}" "$@"
   $FG evaluate "$RUNS/$name/checkpoint_last.pt" "$CROPS" --identities "$RUNS/$name/split.json" \
     --out "$RUNS/$name/eval"
@@ -32,5 +33,6 @@ mkdir -p "$RUNS/dlib_resnet_pretrained"
 $FG evaluate "$CROPS/teacher_dlib.npz" "$CROPS" --identities "$RUNS/cosface/split.json" \
   --out "$RUNS/dlib_resnet_pretrained/eval"
 
-.venv/bin/python -m facegate.train.comparison "$RUNS"/{cosface,arcface,cosface_uss,cosface_discface,cosface_uss_tcm,cosface_uss_distill,dlib_resnet_pretrained} \
-  | tee "$RUNS/table.md"
+.venv/bin/python -m facegate.train.comparison \
+  "$RUNS"/{cosface,arcface,cosface_uss,cosface_discface,cosface_uss_tcm,cosface_uss_distill,dlib_resnet_pretrained} \
+  --roc docs/figures/roc_comparison.png | tee "$RUNS/table.md"
