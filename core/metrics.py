@@ -117,7 +117,7 @@ def accuracy_at(scores: Any, labels: Any, threshold: float) -> float:
     return float(np.mean((s >= threshold) == y))
 
 
-def _best_accuracy_threshold(s: np.ndarray, y: np.ndarray) -> float:
+def best_accuracy_threshold(s: np.ndarray, y: np.ndarray) -> float:
     """Threshold maximising accuracy on (s, y): a midpoint between adjacent scores.
 
     Candidate k accepts the distinct scores ``u[k:]``; its threshold is the midpoint
@@ -156,7 +156,7 @@ def kfold_accuracy(
     for held_out in np.array_split(order, folds):
         train = np.ones(s.size, dtype=bool)
         train[held_out] = False
-        threshold = _best_accuracy_threshold(s[train], y[train])
+        threshold = best_accuracy_threshold(s[train], y[train])
         accuracies.append(accuracy_at(s[held_out], y[held_out], threshold))
     return float(np.mean(accuracies)), float(np.std(accuracies))
 

@@ -12,7 +12,6 @@ from facegate.train.binset import write_bin
 from facegate.train.data import CropFolder
 from facegate.train.evaluate import (
     EvaluationError,
-    best_accuracy_threshold,
     evaluate,
     identity_metrics,
     reachable_fars,
@@ -24,10 +23,10 @@ from test_trainer import crops_root, tiny_config  # noqa: F401 - shared real-cro
 def test_best_accuracy_threshold_separates_when_possible():
     scores = np.array([0.9, 0.8, 0.7, 0.4, 0.3, 0.1])
     labels = np.array([1, 1, 1, 0, 0, 0], bool)
-    assert best_accuracy_threshold(scores, labels) == pytest.approx(0.55)
+    assert metrics.best_accuracy_threshold(scores, labels) == pytest.approx(0.55)
     # One impostor above two genuines: best is to accept only the top genuine... or all three.
     labels = np.array([1, 0, 1, 1, 0, 0], bool)
-    t = best_accuracy_threshold(scores, labels)
+    t = metrics.best_accuracy_threshold(scores, labels)
     assert metrics.accuracy_at(scores, labels, t) == pytest.approx(5 / 6)
 
 

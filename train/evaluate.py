@@ -46,22 +46,6 @@ def pair_scores(embeddings: np.ndarray, first: np.ndarray, second: np.ndarray) -
     return np.einsum("nd,nd->n", embeddings[first], embeddings[second]).astype(np.float64)
 
 
-def best_accuracy_threshold(scores: np.ndarray, labels: np.ndarray) -> float:
-    """Threshold (accept ``score >= t``) maximising accuracy: midpoint between adjacent scores."""
-    s = np.asarray(scores, dtype=np.float64)
-    y = np.asarray(labels, dtype=bool)
-    u = np.unique(s)
-    edges = np.append(u, np.inf)
-    genuine, impostor = np.sort(s[y]), np.sort(s[~y])
-    correct = genuine.size - np.searchsorted(genuine, edges) + np.searchsorted(impostor, edges)
-    k = int(np.flatnonzero(correct == correct.max())[-1])
-    if k == 0:
-        return float(u[0] - 1e-6)
-    if k == u.size:
-        return float(u[-1] + 1e-6)
-    return float((u[k - 1] + u[k]) / 2.0)
-
-
 MIN_FALSE_ACCEPTS = 5
 
 
@@ -145,7 +129,7 @@ def identity_metrics(
         if i.size:
             both = np.concatenate([g, i])
             same = np.concatenate([np.ones(g.size, bool), np.zeros(i.size, bool)])
-            row["best_threshold"] = best_accuracy_threshold(both, same)
+            row["best_threshold"] = metrics.best_accuracy_threshold(both, same)
         if threshold is not None:
             row["frr@t"] = float(np.mean(g < threshold))
             row["far@t"] = float(np.mean(i >= threshold)) if i.size else None

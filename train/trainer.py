@@ -32,12 +32,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import yaml
+from facegate.core import metrics
 from facegate.train import data as train_data
 from facegate.train import losses
 from facegate.train.backbones import get_backbone
 from facegate.train.config import Config, ConfigError, OptimConfig, load_config
 from facegate.train.evaluate import (
-    best_accuracy_threshold,
     embed_torch,
     pair_scores,
     verification_metrics,
@@ -501,7 +501,7 @@ def calibrate_threshold(model: TrainModel, split: Split, cfg: Config, device: to
         idx = np.sort(np.random.default_rng(cfg.seed).choice(idx, max_crops, replace=False))
     emb = embed_torch(model.backbone, split.train_images[idx], device=device)
     first, second, same = train_data.make_pairs(split.train.labels[idx], seed=cfg.seed)
-    return best_accuracy_threshold(pair_scores(emb, first, second), same)
+    return metrics.best_accuracy_threshold(pair_scores(emb, first, second), same)
 
 
 def finalize(model: TrainModel, split: Split, cfg: Config, out: Path, log: RunLog, rt: Runtime,
