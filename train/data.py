@@ -72,14 +72,26 @@ class CropFolder:
     def teacher(self, name: str = "dlib") -> np.ndarray | None:
         """Teacher vectors (N, D) float32 in crop order, or None if the folder has none."""
         path = self.root / f"teacher_{name}.npz"
-        if not path.is_file():
-            return None
-        with np.load(path) as data:
-            keys = set(data.files)
-            missing = [rel for rel in self.relative_paths if rel not in keys]
-            if missing:
-                raise KeyError(f"{len(missing)} crops have no {name} teacher vector, e.g. {missing[0]}")
-            return np.stack([data[rel] for rel in self.relative_paths]).astype(np.float32)
+        return load_vectors(path, self.relative_paths) if path.is_file() else None
+
+
+class MissingVectors(KeyError):
+    """Some crops have no vector in an .npz keyed by crop path."""
+
+    def __init__(self, path: str | Path, missing: list[str]) -> None:
+        super().__init__(f"{path}: no vector for {len(missing)} crops, e.g. {missing[0]}")
+        self.missing = missing
+
+
+def load_vectors(path: str | Path, keys: list[str]) -> np.ndarray:
+    """Vectors (N, D) float32 of ``keys`` (crop paths relative to a crops folder), in that
+    order, from an .npz keyed by crop path (e.g. ``prepare --teacher dlib``)."""
+    with np.load(path) as table:
+        stored = set(table.files)
+        missing = [key for key in keys if key not in stored]
+        if missing:
+            raise MissingVectors(path, missing)
+        return np.stack([table[key] for key in keys]).astype(np.float32)
 
 
 def _read_crop(path: Path) -> np.ndarray:

@@ -185,9 +185,8 @@ def load_model(path: str | Path, *, flip: bool = True) -> tuple[Embed, float | N
             bundle.threshold_source, info
     if path.suffix == ".npz" and path.is_file():
         with np.load(path) as table:
-            vectors = {key: table[key] for key in table.files}
-        info = {"kind": "precomputed", "path": str(path), "vectors": len(vectors)}
-        return (lambda images, keys: lookup_embeddings(vectors, keys, path)), None, "none", info
+            info = {"kind": "precomputed", "path": str(path), "vectors": len(table.files)}
+        return (lambda images, keys: lookup_embeddings(path, keys)), None, "none", info
     if path.suffix == ".pt" and path.is_file():
         import torch
         from facegate.train.backbones import get_backbone
@@ -206,14 +205,17 @@ def load_model(path: str | Path, *, flip: bool = True) -> tuple[Embed, float | N
     raise EvaluationError(f"{path}: neither a bundle folder, a checkpoint .pt nor a .npz file")
 
 
-def lookup_embeddings(vectors: dict[str, np.ndarray], keys: list[str] | None, source: Path) -> np.ndarray:
+def lookup_embeddings(path: Path, keys: list[str] | None) -> np.ndarray:
     """L2-normalised precomputed embeddings of the evaluation crops, in order."""
+    from facegate.train.data import MissingVectors, load_vectors
+
     if keys is None:
-        raise EvaluationError(f"{source}: precomputed embeddings need a crops folder as DATA")
-    missing = [key for key in keys if key not in vectors]
-    if missing:
-        raise EvaluationError(f"{source}: no embedding for {len(missing)} crops, e.g. {missing[0]}")
-    table = np.stack([vectors[key] for key in keys]).astype(np.float32)
+        raise EvaluationError(f"{path}: precomputed embeddings need a crops folder as DATA")
+    try:
+        table = load_vectors(path, keys)
+    except MissingVectors as err:
+        raise EvaluationError(f"{path}: no embedding for {len(err.missing)} crops, "
+                              f"e.g. {err.missing[0]}") from None
     return table / np.linalg.norm(table, axis=1, keepdims=True)
 
 

@@ -253,12 +253,11 @@ def load_teacher(path: str, crop_paths: list[str]) -> np.ndarray:
     within one); centred, those are 0.00 and 0.68, a geometry that a cosine-margin
     head and USS's unified threshold can share. Uncentred, USS learned t > 1.
     """
-    with np.load(path) as table:
-        missing = [p for p in crop_paths if p not in table.files]
-        if missing:
-            raise ConfigError(f"{path}: no teacher embedding for {len(missing)} crops "
-                              f"(e.g. {missing[0]}); rerun prepare --teacher")
-        vectors = np.stack([table[p] for p in crop_paths]).astype(np.float32)
+    try:
+        vectors = train_data.load_vectors(path, crop_paths)
+    except train_data.MissingVectors as err:
+        raise ConfigError(f"{path}: no teacher embedding for {len(err.missing)} crops "
+                          f"(e.g. {err.missing[0]}); rerun prepare --teacher") from None
     return vectors - vectors.mean(axis=0)
 
 
