@@ -21,8 +21,8 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_BUNDLE = REPO / "models" / "default"
 
 
-def build_bundle(folder: Path) -> Path:
-    """The committed default model bundle (``folder`` is unused: the bundle is read-only)."""
+def default_bundle() -> Path:
+    """The committed default model bundle (read-only: tests never write into it)."""
     assert (DEFAULT_BUNDLE / "manifest.json").is_file(), f"no model bundle at {DEFAULT_BUNDLE}"
     return DEFAULT_BUNDLE
 

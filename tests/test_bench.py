@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from server_support import build_bundle
+from server_support import default_bundle
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # `bench` is a top-level folder run as `python -m bench`
@@ -25,9 +25,9 @@ from bench.measure import environment, summarise, time_calls  # noqa: E402
 
 @pytest.fixture(scope="module")
 def bench_env(tmp_path_factory, celeba_root):
-    """Point the bench at the shared photos and a small bundle, for the whole module."""
+    """Point the bench at the shared photos and the default model bundle, for the whole module."""
     mp = pytest.MonkeyPatch()
-    bundle = build_bundle(tmp_path_factory.mktemp("bench-bundle"))
+    bundle = default_bundle()
     mp.setenv("FACEGATE_BENCH_DATA", str(celeba_root))
     mp.setenv("FACEGATE_BENCH_BUNDLE", str(bundle))
     yield tmp_path_factory.mktemp("bench-work")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 from facegate.server.schemas import SearchResponse, VerifyResponse
-from server_support import blank_png, build_bundle, free_port, people, start_server
+from server_support import blank_png, default_bundle, free_port, people, start_server
 
 from facegate.client import FacegateAPIError, FacegateClient
 
@@ -12,7 +12,7 @@ from facegate.client import FacegateAPIError, FacegateClient
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     folder = tmp_path_factory.mktemp("client")
-    bundle = build_bundle(folder / "bundle")
+    bundle = default_bundle()
     port = free_port()
     env = {"FACEGATE_API_KEY": "k", "FACEGATE_ADMIN_KEY": "adm"}
     proc = start_server(bundle, folder / "gallery.sqlite", port, env=env)

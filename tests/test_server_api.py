@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from server_support import (
     REPO,
     blank_png,
-    build_bundle,
+    default_bundle,
     gif_bytes,
     huge_declared_png,
     people,
@@ -27,8 +27,8 @@ ADMIN = {"X-API-Key": "client-key", "X-Admin-Key": "admin-key"}
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory) -> Path:
-    return build_bundle(tmp_path_factory.mktemp("bundle"))
+def bundle() -> Path:
+    return default_bundle()
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import threading
 
 import pytest
 from facegate.server.schemas import SearchResponse
-from server_support import build_bundle, free_port, people, start_server
+from server_support import default_bundle, free_port, people, start_server
 
 from facegate.client import FacegateAPIError, FacegateClient
 
@@ -31,7 +31,7 @@ def cast(celeba_index) -> tuple[dict[str, list], dict[str, list]]:
 def deployment(tmp_path_factory, cast):
     """A server with 20 identities enrolled from 2-3 photos each."""
     folder = tmp_path_factory.mktemp("e2e")
-    bundle = build_bundle(folder / "bundle")
+    bundle = default_bundle()
     gallery = folder / "gallery.sqlite"
     port = free_port()
     proc = start_server(bundle, gallery, port)
