@@ -13,6 +13,7 @@ import functools
 import os
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -53,11 +54,16 @@ def photo_pairs(n: int, seed: int = 0) -> list[tuple[Path, Path]]:
 
 
 @functools.cache
-def real_crops(n: int, per_identity: int = 1) -> tuple[np.ndarray, tuple[str, ...]]:
-    """Up to `n` aligned crops of shared photos, made by the server's detect + align code."""
+def real_crops(
+    n: int, per_identity: int = 1, geometry: Any = None
+) -> tuple[np.ndarray, tuple[str, ...]]:
+    """Up to `n` crops of shared photos, made by the server's detect + align code in
+    `geometry` (a bundle's; default the ArcFace 112 template)."""
     from facegate.export.parity import sample_crops
 
-    crops, identities = sample_crops(data_root(), n, per_identity=per_identity, seed=0)
+    crops, identities = sample_crops(
+        data_root(), n, per_identity=per_identity, seed=0, geometry=geometry
+    )
     return crops, tuple(identities)
 
 

@@ -48,8 +48,9 @@ def run(sizes: dict, workdir: Path) -> dict:
     from facegate.core.embed import create_embedder
 
     bundle_path, stand_in = resolve_bundle(workdir)
-    embedder = create_embedder(load_bundle(bundle_path), runtime="onnxruntime-cpu")
-    crops, _ = real_crops(sizes["real_crops"])
+    bundle = load_bundle(bundle_path)
+    embedder = create_embedder(bundle, runtime="onnxruntime-cpu")
+    crops, _ = real_crops(sizes["real_crops"], geometry=bundle.geometry)
     chips = [cv2.resize(c, (150, 150), interpolation=cv2.INTER_LINEAR) for c in crops]
     encoder = dlib.face_recognition_model_v1(
         str(dlib_model_file("dlib_face_recognition_resnet_model_v1.dat")))

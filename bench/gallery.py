@@ -137,8 +137,9 @@ def real_embeddings(workdir: Path, photos: int, per_identity: int) -> tuple[np.n
     from facegate.core.embed import create_embedder
 
     bundle_path, stand_in = resolve_bundle(workdir)
-    crops, identities = real_crops(photos, per_identity)
-    embedder = create_embedder(load_bundle(bundle_path), runtime="onnxruntime-cpu")
+    bundle = load_bundle(bundle_path)
+    crops, identities = real_crops(photos, per_identity, bundle.geometry)
+    embedder = create_embedder(bundle, runtime="onnxruntime-cpu")
     return embedder.embed(crops), list(identities), bundle_info(bundle_path, stand_in)
 
 

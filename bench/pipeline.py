@@ -1,7 +1,8 @@
 """Part 1, pipeline: one verify (two real photos) stage by stage, facegate vs its peers.
 
-- facegate: ``core.image.decode`` -> ``core.detect.DlibDetector`` (HOG boxes + 68-point
-  landmarks reduced to five) -> ``core.align.align`` -> ``core.embed`` on ORT CPU.
+- facegate: ``core.face.prepare_face`` (``core.image.decode`` -> ``core.detect.DlibDetector``:
+  HOG boxes + dlib's landmarks as the server picks them for the bundle -> ``core.align.align_face``
+  in the bundle's geometry) -> ``core.embed`` on ORT CPU.
 - face_recognition / dlib, rebuilt from the installed model files exactly as
   ``face_recognition.face_encodings`` runs them: PIL decode, HOG (upsample 1), the
   5-point shape predictor, ``get_face_chip`` (150 px) and the dlib ResNet descriptor.
@@ -47,27 +48,22 @@ def dlib_model_file(name: str) -> Path:
 
 
 def facegate_stages(bundle_path: Path) -> Stages:
-    from facegate.core.align import align
     from facegate.core.bundle import load_bundle
-    from facegate.core.detect import DlibDetector, select_face
+    from facegate.core.detect import DlibDetector
     from facegate.core.embed import create_embedder
-    from facegate.core.image import decode
+    from facegate.core.face import landmarks_for, prepare_face
 
-    detector = DlibDetector()
+    bundle = load_bundle(bundle_path)
+    detector = DlibDetector(landmarks=landmarks_for(bundle.geometry))  # as the server
     # flip on, as the server embeds by default
-    embedder = create_embedder(load_bundle(bundle_path), runtime="onnxruntime-cpu", flip=True)
+    embedder = create_embedder(bundle, runtime="onnxruntime-cpu", flip=True)
 
     def run(data: bytes) -> tuple[np.ndarray, dict[str, float]]:
-        t0 = time.perf_counter()
-        image = decode(data)
-        t1 = time.perf_counter()
-        face = select_face(detector.detect(image))
-        t2 = time.perf_counter()
-        crop = align(image, face.landmarks)
+        prepared = prepare_face(data, detector, bundle.geometry)
         t3 = time.perf_counter()
-        vector = embedder.embed(crop[None])[0]
+        vector = embedder.embed(prepared.crop[None])[0]
         t4 = time.perf_counter()
-        return vector, {"decode": t1 - t0, "detect": t2 - t1, "align": t3 - t2, "embed": t4 - t3}
+        return vector, {**prepared.timings, "embed": t4 - t3}
 
     return run
 

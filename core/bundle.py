@@ -2,9 +2,12 @@
 
 The bundle is the unit export writes and the server loads. The manifest pins every
 file by sha256 and carries what a runtime must know to feed the model (input
-size, colour order, normalisation) and the threshold to decide with, so a
-server never runs a model whose files or preprocessing differ from what was
-evaluated. Every problem is a ``BundleError`` saying exactly what is wrong.
+size, colour order, normalisation), the geometry of its input crops (an optional
+``geometry`` section, e.g. ``{"method": "dlib_chip", "size": 150, "padding": 0.25}``;
+absent means the ArcFace 112x112 template, what every bundle before it used) and the
+threshold to decide with, so a server never runs a model whose files, crops or
+preprocessing differ from what was evaluated. Every problem is a ``BundleError``
+saying exactly what is wrong.
 """
 
 from __future__ import annotations
@@ -21,9 +24,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from facegate.core.align import ARCFACE_112, Geometry, as_geometry
 from facegate.core.errors import BundleError
 
 __all__ = [
+    "DEFAULT_GEOMETRY",
     "DEFAULT_INPUT",
     "DEFAULT_OUTPUT",
     "EMBEDDER_FILENAME",
@@ -52,6 +57,8 @@ DEFAULT_INPUT: dict[str, Any] = {
 }
 DEFAULT_OUTPUT: dict[str, Any] = {"name": "embedding"}
 OPTIONAL_SECTIONS = ("training", "evaluation", "parity")
+# What a manifest without a "geometry" section means (every bundle written before it existed).
+DEFAULT_GEOMETRY = ARCFACE_112
 # Keys write_bundle sets from its own arguments; `extra` may not override them.
 _ARGUMENT_KEYS = frozenset(
     {
@@ -102,6 +109,11 @@ class Bundle:
     def threshold_provenance(self) -> str:
         return self.manifest["threshold_provenance"]
 
+    @property
+    def geometry(self) -> Geometry:
+        """How this model's input crops are made (manifest ``geometry``; absent: ArcFace 112)."""
+        return as_geometry(self.manifest.get("geometry"), DEFAULT_GEOMETRY)
+
 
 def sha256_file(path: str | os.PathLike[str]) -> str:
     digest = hashlib.sha256()
@@ -131,12 +143,24 @@ def _validate_normalisation(spec: dict[str, Any], key: str) -> None:
         raise BundleError(f"manifest: input.std must be positive, got {value!r}")
 
 
-def _validate_input(spec: Any) -> None:
+def _validate_geometry(manifest: dict[str, Any]) -> Geometry:
+    if "geometry" not in manifest:
+        return DEFAULT_GEOMETRY
+    try:
+        return Geometry.from_dict(manifest["geometry"])
+    except ValueError as exc:
+        raise BundleError(f"manifest: 'geometry' {exc}") from exc
+
+
+def _validate_input(spec: Any, geometry: Geometry) -> None:
     if not isinstance(spec, dict):
         raise BundleError(f"manifest: 'input' must be an object, got {spec!r}")
     _nonempty_str(spec, "name", "manifest input")
-    if spec.get("size") != [112, 112]:
-        raise BundleError(f"manifest: input.size must be [112, 112], got {spec.get('size')!r}")
+    if spec.get("size") != geometry.input_size:
+        raise BundleError(
+            f"manifest: input.size must be {geometry.input_size} (the crop size of geometry "
+            f"{geometry}), got {spec.get('size')!r}"
+        )
     if spec.get("color") not in ("RGB", "BGR"):
         raise BundleError(f"manifest: input.color must be 'RGB' or 'BGR', got {spec.get('color')!r}")
     if spec.get("layout") not in ("NCHW", "NHWC"):
@@ -188,7 +212,7 @@ def validate_manifest(manifest: Any) -> None:
     size = manifest.get("embedding_size")
     if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
         raise BundleError(f"manifest: 'embedding_size' must be a positive integer, got {size!r}")
-    _validate_input(manifest.get("input"))
+    _validate_input(manifest.get("input"), _validate_geometry(manifest))
     output = manifest.get("output")
     if not isinstance(output, dict):
         raise BundleError(f"manifest: 'output' must be an object, got {output!r}")
@@ -228,6 +252,7 @@ def _check_onnx_graph(onnx_path: Path, manifest: dict[str, Any]) -> None:
         raise BundleError(
             f"{onnx_path.name}: no graph input named {input_name!r} (inputs: {inputs})"
         )
+    _check_input_dims(onnx_path, next(i for i in graph.input if i.name == input_name), manifest["input"])
     output_name = manifest["output"]["name"]
     outputs = {o.name: o for o in graph.output}
     if output_name not in outputs:
@@ -245,6 +270,21 @@ def _check_onnx_graph(onnx_path: Path, manifest: dict[str, Any]) -> None:
                 f"{onnx_path.name}: output {output_name!r} has {dims[1].dim_value} dimensions "
                 f"but the manifest says embedding_size {manifest['embedding_size']}"
             )
+
+
+def _check_input_dims(onnx_path: Path, graph_input: Any, spec: dict[str, Any]) -> None:
+    """A static (H, W) of a rank-4 graph input must be the manifest's input.size."""
+    dims = graph_input.type.tensor_type.shape.dim
+    if len(dims) != 4:
+        return
+    axes = (2, 3) if spec["layout"] == "NCHW" else (1, 2)
+    static = [d.dim_value if d.HasField("dim_value") else None for d in dims]
+    height_width = [static[a] for a in axes]
+    if None not in height_width and height_width != list(spec["size"]):
+        raise BundleError(
+            f"{onnx_path.name}: input {graph_input.name!r} is {height_width[0]}x{height_width[1]} "
+            f"but the manifest says input.size {spec['size']}"
+        )
 
 
 def _read_manifest(root: Path) -> dict[str, Any]:
@@ -351,12 +391,16 @@ def write_bundle(
     threshold_source: str,
     threshold_provenance: str,
     extra: dict[str, Any] | None = None,
+    geometry: Geometry | dict[str, Any] | None = None,
 ) -> Bundle:
     """Create (or overwrite) a bundle with a fresh manifest holding just the embedder.
 
     ``onnx_file`` is copied in as ``embedder.onnx`` unless it already lies in the
-    bundle folder (then it keeps its name). ``extra`` adds sections such as
-    ``training``, ``evaluation``, ``parity``, or overrides ``input``/``output``.
+    bundle folder (then it keeps its name). ``geometry`` (a ``Geometry`` or its dict
+    form; or ``extra["geometry"]``, not both; default the ArcFace 112 template) is
+    written to the manifest, and the default ``input`` gets its crop size. ``extra``
+    adds sections such as ``training``, ``evaluation``, ``parity``, or overrides
+    ``input``/``output`` (an ``input`` must state the geometry's size).
     Engines are registered afterwards with ``add_file``. Nothing is written
     if the manifest or the ONNX graph does not check out.
     """
@@ -364,6 +408,12 @@ def write_bundle(
     clashing = sorted(_ARGUMENT_KEYS & extra.keys())
     if clashing:
         raise BundleError(f"write_bundle: extra may not set {clashing}; pass them as arguments")
+    if geometry is not None and "geometry" in extra:
+        raise BundleError("write_bundle: pass the geometry either as argument or in extra, not both")
+    try:
+        chosen = as_geometry(extra.pop("geometry", geometry), DEFAULT_GEOMETRY)
+    except ValueError as exc:
+        raise BundleError(f"write_bundle: geometry {exc}") from exc
     root = Path(path).resolve()
     root.mkdir(parents=True, exist_ok=True)
     source = Path(onnx_file).resolve()
@@ -373,7 +423,8 @@ def write_bundle(
         "name": name,
         "version": version,
         "embedding_size": embedding_size,
-        "input": copy.deepcopy(DEFAULT_INPUT),
+        "input": {**copy.deepcopy(DEFAULT_INPUT), "size": chosen.input_size},
+        "geometry": chosen.to_dict(),
         "output": copy.deepcopy(DEFAULT_OUTPUT),
         "threshold": float(threshold) if _is_number(threshold) else threshold,
         "threshold_source": threshold_source,

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import cv2
-from facegate.core.detect import DlibDetector
+from facegate.core.detect import LANDMARK_MODELS, DlibDetector
 from facegate.core.draw import draw_faces
 from facegate.core.errors import FacegateError
 from facegate.core.image import decode
@@ -20,6 +20,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, help="write an annotated PNG here")
     parser.add_argument("--upsample", type=int, default=1, help="dlib upsampling passes (finds smaller faces, slower)")
     parser.add_argument("--cnn-fallback", action="store_true", help="try dlib's CNN detector when HOG finds nothing")
+    parser.add_argument(
+        "--landmarks",
+        choices=sorted(LANDMARK_MODELS),
+        default="5",
+        help="dlib shape predictor: 5-point (public domain) or 68-point (iBUG 300-W: non-commercial)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -28,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     except FacegateError as e:
         print(json.dumps({"error": {"code": e.code, "message": e.message}}), file=sys.stderr)
         return 2
-    detector = DlibDetector(upsample=args.upsample, cnn_fallback=args.cnn_fallback)
+    detector = DlibDetector(upsample=args.upsample, cnn_fallback=args.cnn_fallback, landmarks=args.landmarks)
     start = time.perf_counter()
     faces = detector.detect(image)
     elapsed_ms = (time.perf_counter() - start) * 1000

@@ -1,9 +1,24 @@
-"""Face detection: boxes, scores and the five ArcFace landmarks.
+"""Face detection: boxes, scores and the landmarks each crop geometry needs.
 
-The default detector is dlib's HOG frontal detector plus its 68-point shape
-predictor, because both ship as files in registry packages (dlib-bin,
-face_recognition_models) and run offline on CPU. SCRFD (facegate.core.scrfd)
-is the GPU alternative; both return the same `Face` objects.
+The default detector is dlib's HOG frontal detector plus its 5-point shape
+predictor (``shape_predictor_5_face_landmarks.dat``), because both ship as files in
+registry packages (dlib-bin, face_recognition_models), run offline on CPU and are
+licence-clean: dlib is Boost-licensed, and Davis King released the 5-point model
+(trained on his own 7198-face annotations) into the public domain (CC0-style; see
+the dlib-models README). The 68-point predictor (``landmarks="68"``) stays
+available, but it was trained on iBUG 300-W, whose licence excludes commercial use
+(its authors ask that the model not be used in commercial products), so it is not
+the default. SCRFD
+(facegate.core.scrfd) is the GPU alternative; all return the same `Face` objects.
+
+A `Face` always carries the five ArcFace points (``landmarks``: eye centres, nose
+tip, mouth corners; the API's JSON and the ArcFace-template geometry use them) and,
+from dlib's detector, dlib's five parts (``dlib5``: eye corners and nose base; the
+dlib-chip geometry uses them). With the 5-point predictor the ArcFace points are
+derived (``align.arcface_from_dlib5``: eye centres from the detected corners, nose
+tip and mouth corners from the average face), so ArcFace-template crops from them
+are approximate; with the 68-point predictor they are measured and ``dlib5`` is taken
+from the 68 points that dlib's five correspond to.
 """
 
 from __future__ import annotations
@@ -16,19 +31,35 @@ from typing import Any, Literal, Protocol
 
 import cv2
 import numpy as np
+from facegate.core.align import arcface_from_dlib5
 from facegate.core.errors import MultipleFacesError, NoFaceError
 
 Box = tuple[float, float, float, float]
 Policy = Literal["largest", "strict"]
+Landmarks = Literal["5", "68"]
+LANDMARK_MODELS: dict[str, str] = {
+    "5": "shape_predictor_5_face_landmarks.dat",  # public domain (Davis King's own annotations)
+    "68": "shape_predictor_68_face_landmarks.dat",  # trained on iBUG 300-W: no commercial use
+}
+# Indices of the 68-point layout that dlib's five parts correspond to, in dlib's order:
+# image-right eye outer and inner corner, image-left eye outer and inner corner, nose base.
+DLIB5_FROM_68 = (45, 42, 36, 39, 33)
 
 
 @dataclass(frozen=True)
 class Face:
-    """One detected face in image pixel coordinates."""
+    """One detected face in image pixel coordinates.
+
+    ``landmarks`` are the ArcFace five, (5, 2) float32, image-left first: left eye
+    centre, right eye centre, nose tip, left and right mouth corner. ``dlib5`` are
+    dlib's five shape parts, (5, 2) float32 in dlib's order, or None when the
+    detector has none (SCRFD).
+    """
 
     box: Box
     score: float
-    landmarks: np.ndarray  # (5, 2) float32, ArcFace order, image-left first
+    landmarks: np.ndarray
+    dlib5: np.ndarray | None = None
 
     def area(self) -> float:
         x1, y1, x2, y2 = self.box
@@ -82,27 +113,29 @@ def dlib_model_file(name: str) -> Path:
 class _DlibModels:
     """dlib models loaded once per process, on first use.
 
-    The shape predictor (~100 MB) is shared; dlib documents object detectors as
+    Shape predictors (5-point ~9 MB, 68-point ~100 MB) are shared; dlib documents object detectors as
     unsafe for concurrent use, so each thread gets its own HOG detector (cheap to
     build) and the CNN detector is used under a lock.
     """
 
     _lock = threading.Lock()
-    _predictor: Any = None
+    _predictors: dict[str, Any] = {}
     _cnn: Any = None
     _local = threading.local()
     cnn_lock = threading.Lock()
 
     @classmethod
-    def predictor(cls) -> Any:
-        if cls._predictor is None:
+    def predictor(cls, landmarks: str = "5") -> Any:
+        predictor = cls._predictors.get(landmarks)
+        if predictor is None:
             with cls._lock:
-                if cls._predictor is None:
+                predictor = cls._predictors.get(landmarks)
+                if predictor is None:
                     import dlib
 
-                    path = dlib_model_file("shape_predictor_68_face_landmarks.dat")
-                    cls._predictor = dlib.shape_predictor(str(path))
-        return cls._predictor
+                    path = dlib_model_file(LANDMARK_MODELS[landmarks])
+                    predictor = cls._predictors[landmarks] = dlib.shape_predictor(str(path))
+        return predictor
 
     @classmethod
     def hog(cls) -> Any:
@@ -126,8 +159,13 @@ class _DlibModels:
 
 
 class DlibDetector:
-    """dlib HOG detector + 68-point landmarks reduced to five points.
+    """dlib HOG detector + dlib's 5-point (default) or 68-point shape predictor.
 
+    ``landmarks="5"``: ``shape_predictor_5_face_landmarks.dat`` (public domain); ``dlib5`` are its
+    parts and ``landmarks`` the ArcFace five derived from them (approximate nose tip and
+    mouth corners). ``landmarks="68"``: ``shape_predictor_68_face_landmarks.dat``
+    (trained on iBUG 300-W, whose licence excludes commercial use); ``landmarks`` from
+    ``five_points_from_68`` and ``dlib5`` the 68 points 45, 42, 36, 39, 33.
     Images whose longer side exceeds `max_side` are downscaled for the box search
     (HOG time grows with pixels); landmarks are then fitted on the full-resolution
     image inside the mapped-back box. Scores are the HOG SVM margin (or the mmod
@@ -135,9 +173,18 @@ class DlibDetector:
     largest first.
     """
 
-    def __init__(self, upsample: int = 1, cnn_fallback: bool = False, max_side: int = 1024) -> None:
+    def __init__(
+        self,
+        upsample: int = 1,
+        cnn_fallback: bool = False,
+        max_side: int = 1024,
+        landmarks: Landmarks = "5",
+    ) -> None:
         if upsample < 0 or max_side < 64:
             raise ValueError("upsample must be >= 0 and max_side >= 64")
+        if landmarks not in LANDMARK_MODELS:
+            raise ValueError(f"landmarks must be one of {sorted(LANDMARK_MODELS)}, got {landmarks!r}")
+        self.landmarks = landmarks
         self.upsample = upsample
         self.cnn_fallback = cnn_fallback
         self.max_side = max_side
@@ -148,7 +195,7 @@ class DlibDetector:
         boxes = self._hog_boxes(small)
         if not boxes and self.cnn_fallback:
             boxes = self._cnn_boxes(small)
-        predictor = _DlibModels.predictor()
+        predictor = _DlibModels.predictor(self.landmarks)
         import dlib
 
         faces = []
@@ -157,7 +204,11 @@ class DlibDetector:
             rect = dlib.rectangle(*(int(round(v)) for v in box))
             shape = predictor(image, rect)
             pts = np.array([(p.x, p.y) for p in shape.parts()], dtype=np.float32)
-            faces.append(Face(box=box, score=float(score), landmarks=five_points_from_68(pts)))
+            if self.landmarks == "68":
+                five, dlib5 = five_points_from_68(pts), pts[list(DLIB5_FROM_68)].copy()
+            else:
+                five, dlib5 = arcface_from_dlib5(pts), pts
+            faces.append(Face(box=box, score=float(score), landmarks=five, dlib5=dlib5))
         faces.sort(key=Face.area, reverse=True)
         return faces
 
@@ -212,7 +263,8 @@ def select_face(faces: list[Face], policy: Policy = "largest") -> Face:
 
 
 def create_detector(name: str = "dlib", **options: Any) -> Detector:
-    """Build a detector by name: "dlib" (options as DlibDetector) or "scrfd" (path=... required)."""
+    """Build a detector by name: "dlib" (options as DlibDetector, e.g. landmarks="5"|"68")
+    or "scrfd" (path=... required)."""
     if name == "dlib":
         return DlibDetector(**options)
     if name == "scrfd":

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from facegate.core.align import Geometry
 from facegate.core.errors import FacegateError
 from tqdm import tqdm
 
@@ -106,12 +107,13 @@ def accuracy_change(
     }
 
 
-def to_model_input(crops: np.ndarray) -> np.ndarray:
-    """Aligned uint8 crops -> the model's input tensor, exactly as the runtimes feed it."""
+def to_model_input(crops: np.ndarray, input_spec: dict | None = None) -> np.ndarray:
+    """Aligned uint8 crops -> the model's input tensor, exactly as the runtimes feed it
+    (``input_spec``: a bundle's ``input``; default the 112x112 models' ``DEFAULT_INPUT``)."""
     from facegate.core.bundle import DEFAULT_INPUT
     from facegate.core.embed import preprocess
 
-    return preprocess(np.asarray(crops), DEFAULT_INPUT)
+    return preprocess(np.asarray(crops), input_spec or DEFAULT_INPUT)
 
 
 def list_photos(data_dir: Path) -> list[tuple[Path, str]]:
@@ -146,28 +148,33 @@ def pick_spread(
 
 
 def aligned_crops(
-    photos: Sequence[tuple[Path, str]], *, desc: str = "aligning"
+    photos: Sequence[tuple[Path, str]],
+    *,
+    geometry: Geometry | None = None,
+    desc: str = "aligning",
 ) -> tuple[np.ndarray, list[str]]:
-    """Detect the largest face of each photo and align it, as the server would.
+    """Detect the largest face of each photo and crop it by ``geometry``, as the server would
+    (``core.face.prepare_face`` with the server's default detector for that geometry).
 
-    Photos without a detectable face are skipped; returns crops ``(M, 112, 112, 3)``
-    uint8 and their identities.
+    ``geometry``: the model's (a bundle's ``geometry``); default the ArcFace 112 template,
+    what a bundle without one means. Photos without a detectable face are skipped;
+    returns crops ``(M, S, S, 3)`` uint8 and their identities.
     """
-    from facegate.core.align import align
-    from facegate.core.detect import create_detector, select_face
+    from facegate.core.bundle import DEFAULT_GEOMETRY
+    from facegate.core.detect import create_detector
     from facegate.core.errors import NoFaceError
-    from facegate.core.image import decode
+    from facegate.core.face import landmarks_for, prepare_face
 
-    detector = create_detector("dlib")
+    geometry = geometry or DEFAULT_GEOMETRY
+    detector = create_detector("dlib", landmarks=landmarks_for(geometry))
     crops: list[np.ndarray] = []
     identities: list[str] = []
     for path, identity in tqdm(photos, desc=desc, unit="photo", leave=False):
-        image = decode(Path(path).read_bytes())
         try:
-            face = select_face(detector.detect(image), policy="largest")
+            prepared = prepare_face(Path(path).read_bytes(), detector, geometry, policy="largest")
         except NoFaceError:
             continue
-        crops.append(align(image, face.landmarks))
+        crops.append(prepared.crop)
         identities.append(identity)
     if not crops:
         raise ParityError("no face found in any of the parity photos")
@@ -175,12 +182,17 @@ def aligned_crops(
 
 
 def sample_crops(
-    data_dir: Path, n: int, *, per_identity: int = 1, seed: int = 0
+    data_dir: Path,
+    n: int,
+    *,
+    per_identity: int = 1,
+    seed: int = 0,
+    geometry: Geometry | None = None,
 ) -> tuple[np.ndarray, list[str]]:
-    """``n`` real aligned crops drawn across identities of a photo folder."""
+    """``n`` real crops (made by ``geometry``, default ArcFace 112) drawn across identities."""
     # Over-draw a little: a few photos may have no detectable face.
     picked = pick_spread(
         list_photos(data_dir), n + n // 4 + 2, per_identity=per_identity, seed=seed
     )
-    crops, identities = aligned_crops(picked)
+    crops, identities = aligned_crops(picked, geometry=geometry)
     return crops[:n], identities[:n]

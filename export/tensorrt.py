@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from facegate.core.align import Geometry
 from facegate.core.bundle import add_file, load_bundle
 from facegate.core.embed_tensorrt import (
     CudaRuntime,
@@ -59,15 +60,18 @@ def optimisation_shapes(
     return (1, *rest), (max(1, max_batch // 2), *rest), (max_batch, *rest)
 
 
-def _calibrator(trt: Any, crops: np.ndarray, batch: int, cache_path: Path) -> Any:
-    """An entropy calibrator that feeds real aligned crops, ``batch`` at a time."""
+def _calibrator(
+    trt: Any, crops: np.ndarray, batch: int, cache_path: Path, input_spec: dict | None = None
+) -> Any:
+    """An entropy calibrator that feeds real aligned crops, ``batch`` at a time, preprocessed
+    by ``input_spec`` (the bundle's ``input``)."""
     cuda = CudaRuntime()
 
     class CropCalibrator(trt.IInt8EntropyCalibrator2):
         def __init__(self) -> None:
             trt.IInt8EntropyCalibrator2.__init__(self)
             self.batches = [
-                to_model_input(crops[k : k + batch])
+                to_model_input(crops[k : k + batch], input_spec)
                 for k in range(0, len(crops) - batch + 1, batch)
             ]
             if not self.batches:
@@ -108,6 +112,7 @@ def build_engine(
     calibration_cache: Path | None = None,
     spatial: tuple[int, int] | None = None,
     workspace_bytes: int = WORKSPACE_BYTES,
+    input_spec: dict | None = None,
 ) -> dict[str, Any]:
     """Build and write a serialised engine; returns what the manifest records about it."""
     if precision not in PRECISIONS:
@@ -151,7 +156,9 @@ def build_engine(
             calib_profile.set_shape(tensor.name, fixed, fixed, fixed)
         config.set_flag(trt.BuilderFlag.INT8)
         config.set_calibration_profile(calib_profile)
-        config.int8_calibrator = _calibrator(trt, calibration_crops, calib_batch, calibration_cache)
+        config.int8_calibrator = _calibrator(
+            trt, calibration_crops, calib_batch, calibration_cache, input_spec
+        )
 
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
@@ -169,18 +176,21 @@ def build_engine(
 
 
 def load_crops(
-    data_dir: Path, n: int, *, per_identity: int, seed: int
+    data_dir: Path, n: int, *, per_identity: int, seed: int, geometry: Geometry | None = None
 ) -> tuple[np.ndarray, list[str]]:
-    """Real aligned crops from a folder: 112x112 images are taken as crops, others detected + aligned."""
+    """Real crops from a folder: images of the geometry's size (default ArcFace 112) are taken
+    as crops, others detected and cropped by ``geometry``."""
+    from facegate.core.bundle import DEFAULT_GEOMETRY
     from facegate.core.image import decode
 
+    geometry = geometry or DEFAULT_GEOMETRY
     photos = list_photos(data_dir)
-    if photos and decode(Path(photos[0][0]).read_bytes()).shape[:2] == (112, 112):
+    if photos and decode(Path(photos[0][0]).read_bytes()).shape[:2] == (geometry.size, geometry.size):
         from facegate.export.parity import pick_spread
 
         picked = pick_spread(photos, n, per_identity=per_identity, seed=seed)
         return np.stack([decode(p.read_bytes()) for p, _ in picked]), [i for _, i in picked]
-    return sample_crops(data_dir, n, per_identity=per_identity, seed=seed)
+    return sample_crops(data_dir, n, per_identity=per_identity, seed=seed, geometry=geometry)
 
 
 def export_embedder_engine(
@@ -214,7 +224,9 @@ def export_embedder_engine(
     calibration = None
     if precision == "int8":
         calib_dir = calibration_dir or eval_dir
-        calibration, _ = load_crops(calib_dir, calibration_images, per_identity=1, seed=7)
+        calibration, _ = load_crops(
+            calib_dir, calibration_images, per_identity=1, seed=7, geometry=bundle.geometry
+        )
     meta = build_engine(
         bundle.onnx_path,
         engine_path,
@@ -223,9 +235,12 @@ def export_embedder_engine(
         timing_cache=timing_cache,
         calibration_crops=calibration,
         calibration_cache=bundle_path.parent / f"{filename}.calibration.cache",
+        input_spec=bundle.input_spec,
     )
 
-    crops, identities = load_crops(eval_dir, eval_images, per_identity=4, seed=11)
+    crops, identities = load_crops(
+        eval_dir, eval_images, per_identity=4, seed=11, geometry=bundle.geometry
+    )
     reference = create_embedder(bundle, runtime="onnxruntime-cpu").embed(crops)
     trt_embedder = TensorRTEmbedder(
         engine_path,

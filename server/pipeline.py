@@ -1,70 +1,36 @@
-"""From uploaded bytes to an aligned face: decode -> detect -> select -> align.
+"""Runs the core face path (decode -> detect -> select -> align) off the event loop.
 
-The steps are CPU-bound, so :class:`FacePipeline` runs them on a bounded thread pool,
-never on the event loop. Each worker thread owns its own detector, because the dlib
-and SCRFD detectors are not documented as safe to share between threads.
+:func:`facegate.core.face.prepare_face` does the work, with the geometry of the loaded
+bundle, so a served crop is the crop training made. The steps are CPU-bound, so
+:class:`FacePipeline` runs them on a bounded thread pool, never on the event loop.
+Each worker thread owns its own detector, because the dlib and SCRFD detectors are
+not documented as safe to share between threads.
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import numpy as np
-from facegate.core.align import align
-from facegate.core.detect import Detector, Face, select_face
-from facegate.core.image import decode
+from facegate.core.align import Geometry
+from facegate.core.detect import Detector
+from facegate.core.face import PreparedFace, prepare_face
 
-
-@dataclass(frozen=True)
-class PreparedFace:
-    """One image's chosen face, its aligned crop and what each step cost (seconds)."""
-
-    face: Face
-    faces_in_image: int
-    crop: np.ndarray
-    timings: dict[str, float]
-
-    def face_dict(self) -> dict:
-        return {**self.face.to_dict(), "faces_in_image": self.faces_in_image}
-
-
-def prepare_face(
-    data: bytes,
-    detector: Detector,
-    *,
-    policy: str = "largest",
-    max_bytes: int = 10_000_000,
-    max_pixels: int = 40_000_000,
-) -> PreparedFace:
-    """Decode, detect, select one face by ``policy`` and align it (raises FacegateError)."""
-    t0 = time.perf_counter()
-    image = decode(data, max_bytes=max_bytes, max_pixels=max_pixels)
-    t1 = time.perf_counter()
-    faces = detector.detect(image)
-    face = select_face(faces, policy=policy)
-    t2 = time.perf_counter()
-    crop = align(image, face.landmarks)
-    t3 = time.perf_counter()
-    return PreparedFace(
-        face=face,
-        faces_in_image=len(faces),
-        crop=crop,
-        timings={"decode": t1 - t0, "detect": t2 - t1, "align": t3 - t2},
-    )
+__all__ = ["FacePipeline", "PreparedFace", "prepare_face"]
 
 
 class FacePipeline:
-    """Runs :func:`prepare_face` on ``workers`` threads, each with its own detector."""
+    """Runs :func:`prepare_face` on ``workers`` threads, each with its own detector,
+    cropping by ``geometry`` (the bundle's)."""
 
     def __init__(
         self,
         make_detector: Callable[[], Detector],
         *,
+        geometry: Geometry,
         policy: str,
         max_bytes: int,
         max_pixels: int,
@@ -72,6 +38,7 @@ class FacePipeline:
     ) -> None:
         self._make_detector = make_detector
         self._local = threading.local()
+        self.geometry = geometry
         self.policy = policy
         self.max_bytes = max_bytes
         self.max_pixels = max_pixels
@@ -87,6 +54,7 @@ class FacePipeline:
         return prepare_face(
             data,
             self._detector(),
+            self.geometry,
             policy=policy,
             max_bytes=self.max_bytes,
             max_pixels=self.max_pixels,

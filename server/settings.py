@@ -27,6 +27,12 @@ class Settings(BaseSettings):
     detector: Literal["dlib", "scrfd"] = "dlib"
     detector_model: Path | None = Field(None, description="SCRFD ONNX file (detector=scrfd)")
     detector_upsample: int = Field(1, ge=0, le=3, description="dlib HOG upsampling steps")
+    detector_landmarks: Literal["auto", "5", "68"] = Field(
+        "auto", description="dlib shape predictor: 5-point (public domain) or 68-point (trained "
+        "on iBUG 300-W, whose licence excludes commercial use); auto: 5-point for dlib-chip "
+        "bundles, 68-point for ArcFace-template bundles (trained on crops from measured "
+        "68-point landmarks; see core.face.landmarks_for)",
+    )
     face_policy: Literal["largest", "strict"] = Field(
         "largest", description="largest face, or reject images with several faces"
     )

@@ -8,21 +8,24 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from facegate.core.align import ARCFACE_112, DLIB_CHIP_150, Geometry
 from facegate.core.bundle import MANIFEST_NAME, add_file, load_bundle, sha256_file, write_bundle
 from facegate.core.errors import BundleError
 from onnx import TensorProto, helper, numpy_helper
 
 
-def tiny_onnx(path: Path, embedding_size: int = 16, output_name: str = "embedding") -> Path:
-    """A real ONNX model: (N, 3, 112, 112) -> Flatten -> MatMul -> (N, embedding_size)."""
-    weight = np.random.default_rng(0).standard_normal((3 * 112 * 112, embedding_size))
+def tiny_onnx(
+    path: Path, embedding_size: int = 16, output_name: str = "embedding", size: int = 112
+) -> Path:
+    """A real ONNX model: (N, 3, size, size) -> Flatten -> MatMul -> (N, embedding_size)."""
+    weight = np.random.default_rng(0).standard_normal((3 * size * size, embedding_size))
     graph = helper.make_graph(
         [
             helper.make_node("Flatten", ["input"], ["flat"], axis=1),
             helper.make_node("MatMul", ["flat", "weight"], [output_name]),
         ],
         "tiny",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 112, 112])],
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, size, size])],
         [helper.make_tensor_value_info(output_name, TensorProto.FLOAT, ["N", embedding_size])],
         [numpy_helper.from_array(weight.astype(np.float32), "weight")],
     )
@@ -195,3 +198,67 @@ def test_wrong_output_name_is_refused(tmp_path):
 def test_extra_cannot_override_arguments(tmp_path):
     with pytest.raises(BundleError, match=r"extra may not set \['threshold'\]"):
         make_bundle(tmp_path, extra={"threshold": 0.9})
+
+
+def test_geometry_defaults_to_arcface_and_old_manifests_stay_valid(tmp_path):
+    bundle = make_bundle(tmp_path)
+    assert bundle.geometry == ARCFACE_112
+    assert bundle.manifest["geometry"] == {"method": "arcface_template", "size": 112}
+    # A manifest written before the geometry section existed loads as the ArcFace template.
+    manifest_path = tmp_path / "bundle" / MANIFEST_NAME
+    manifest = json.loads(manifest_path.read_text())
+    del manifest["geometry"]
+    manifest_path.write_text(json.dumps(manifest))
+    assert load_bundle(tmp_path / "bundle").geometry == ARCFACE_112
+
+
+def test_dlib_chip_bundle_round_trip(tmp_path):
+    source = tiny_onnx(tmp_path / "chip.onnx", size=150)
+    spec = {"name": "input", "size": [150, 150], "color": "RGB", "layout": "NCHW",
+            "mean": [122.8, 117.0, 104.1], "std": 256.0}
+    written = make_bundle(tmp_path, onnx_file=source, geometry=DLIB_CHIP_150, extra={"input": spec})
+    loaded = load_bundle(tmp_path / "bundle")
+    assert loaded == written and loaded.geometry == DLIB_CHIP_150
+    assert loaded.manifest["geometry"] == {"method": "dlib_chip", "size": 150, "padding": 0.25}
+    assert loaded.input_spec["mean"] == [122.8, 117.0, 104.1]  # per-channel mean
+    # Without an input override, the default input takes the geometry's size.
+    again = make_bundle(tmp_path, onnx_file=source, extra={"geometry": DLIB_CHIP_150.to_dict()})
+    assert again.input_spec["size"] == [150, 150] and again.geometry == DLIB_CHIP_150
+
+
+@pytest.mark.parametrize(
+    ("geometry", "message"),
+    [
+        ("dlib_chip", r"'geometry' must be an object"),
+        ({"method": "mtcnn", "size": 112}, r"'geometry' method must be one of"),
+        ({"method": "dlib_chip", "size": 150}, r"'geometry' method 'dlib_chip' needs \['padding'\]"),
+        ({"method": "arcface_template", "size": 112, "padding": 0.2}, r"'geometry' unknown keys \['padding'\]"),
+        ({"method": "dlib_chip", "size": 150, "padding": -1}, "'geometry' dlib_chip needs a padding"),
+        ({"method": "dlib_chip", "size": 150.0, "padding": 0.25}, "'geometry' size must be an integer"),
+        # A valid geometry whose size is not the input's.
+        ({"method": "dlib_chip", "size": 150, "padding": 0.25}, r"input.size must be \[150, 150\]"),
+    ],
+)
+def test_bad_geometry_is_refused(tmp_path, geometry, message):
+    make_bundle(tmp_path)
+    manifest_path = tmp_path / "bundle" / MANIFEST_NAME
+    manifest = json.loads(manifest_path.read_text())
+    manifest["geometry"] = geometry
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=message):
+        load_bundle(tmp_path / "bundle", verify=False)
+
+
+def test_write_bundle_checks_geometry(tmp_path):
+    # The graph takes 112x112 crops; a 150 geometry contradicts it.
+    with pytest.raises(BundleError, match=r"input 'input' is 112x112 but the manifest says input.size \[150, 150\]"):
+        make_bundle(tmp_path, geometry=DLIB_CHIP_150)
+    with pytest.raises(BundleError, match="either as argument or in extra"):
+        make_bundle(tmp_path, geometry=ARCFACE_112, extra={"geometry": ARCFACE_112.to_dict()})
+    with pytest.raises(BundleError, match="write_bundle: geometry"):
+        make_bundle(tmp_path, geometry={"method": "dlib_chip", "size": 112})
+    source = tiny_onnx(tmp_path / "chip.onnx", size=150)
+    spec = {"name": "input", "size": [112, 112], "color": "RGB", "layout": "NCHW", "mean": 0, "std": 1}
+    with pytest.raises(BundleError, match=r"input.size must be \[150, 150\]"):
+        make_bundle(tmp_path, onnx_file=source, geometry=Geometry("dlib_chip", 150, 0.25), extra={"input": spec})
+    assert not (tmp_path / "bundle" / MANIFEST_NAME).exists()

@@ -197,7 +197,7 @@ def test_cli_detect_prints_json_and_draws(insightface_group_photo, tmp_path, cap
 
 def test_cli_align(insightface_group_photo, celeba_index, tmp_path, capsys):
     out = tmp_path / "crop.png"
-    assert main(["align", str(celeba_index[0][0]), str(out)]) == 0
+    assert main(["align", str(celeba_index[0][0]), str(out), "--geometry", "arcface_template"]) == 0
     crop = cv2.imread(str(out))
     assert crop.shape == (112, 112, 3) and crop.mean() > 20
     capsys.readouterr()
@@ -208,3 +208,43 @@ def test_cli_align(insightface_group_photo, celeba_index, tmp_path, capsys):
     garbage.write_bytes(b"not an image")
     assert main(["detect", str(garbage)]) == 2
     assert json.loads(capsys.readouterr().err)["error"]["code"] == "image_undecodable"
+
+
+def test_default_detector_is_5_point_with_both_landmark_sets(celeba_detections, first_photo_per_identity):
+    # dlib's five parts (eye corners, nose base: CC0 model) plus the ArcFace five derived from them.
+    assert DlibDetector().landmarks == "5"
+    results, _ = celeba_detections
+    checked = 0
+    for _, faces in results:
+        for face in faces:
+            assert face.dlib5 is not None and face.dlib5.shape == (5, 2) and face.dlib5.dtype == np.float32
+            right_outer, right_inner, left_outer, left_inner, nose = face.dlib5
+            # dlib's order: image-right eye (outer, inner), image-left eye (outer, inner), nose base.
+            assert left_outer[0] < left_inner[0] < right_inner[0] < right_outer[0]
+            assert max(left_outer[1], right_outer[1]) < nose[1]
+            # The ArcFace eye centres lie between each eye's corners.
+            lm = face.landmarks
+            assert left_outer[0] < lm[0, 0] < left_inner[0] and right_inner[0] < lm[1, 0] < right_outer[0]
+            checked += 1
+    assert checked >= 180
+
+
+def test_68_point_option_gives_measured_points_and_dlib5(first_photo_per_identity, detector):
+    # The 68-point model's corresponding points (45, 42, 36, 39, 33) lie near the 5-point
+    # model's, and the ArcFace five derived from dlib's five near the measured ones.
+    sixty_eight_detector = DlibDetector(landmarks="68")
+    dlib5_errors, arcface_errors = [], []
+    for path in first_photo_per_identity[:12]:
+        image = _rgb(path)
+        faces, faces68 = detector.detect(image), sixty_eight_detector.detect(image)
+        if not faces:
+            continue
+        five, sixty_eight = faces[0], faces68[0]
+        assert sixty_eight.box == five.box and sixty_eight.dlib5 is not None
+        side = five.box[2] - five.box[0]
+        dlib5_errors.append(np.linalg.norm(sixty_eight.dlib5 - five.dlib5, axis=1) / side)
+        arcface_errors.append(np.linalg.norm(sixty_eight.landmarks - five.landmarks, axis=1) / side)
+    assert len(dlib5_errors) >= 8
+    assert np.median(dlib5_errors) < 0.05 and np.median(arcface_errors) < 0.08
+    with pytest.raises(ValueError, match="landmarks"):
+        DlibDetector(landmarks="21")

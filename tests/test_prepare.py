@@ -10,6 +10,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from facegate.core.align import ARCFACE_112
+from facegate.core.errors import FacegateError
 from facegate.train.prepare import list_photos, prepare
 
 from facegate.cli import main
@@ -40,7 +42,8 @@ def test_list_photos_reads_the_celeba_csv(celeba_root, celeba_index):
 
 def test_prepare_crops_reports_and_resumes(photo_folder, tmp_path, capsys):
     out = tmp_path / "crops"
-    argv = ["prepare", str(photo_folder), str(out), "--no-cnn-fallback", "--workers", "2", "--quiet"]
+    argv = ["prepare", str(photo_folder), str(out), "--no-cnn-fallback", "--workers", "2", "--quiet",
+            "--geometry", "arcface_template"]
     assert main(argv) == 0
     assert "photos cropped" in capsys.readouterr().out
 
@@ -61,12 +64,12 @@ def test_prepare_crops_reports_and_resumes(photo_folder, tmp_path, capsys):
         assert row["path"].split("/")[0] == row["identity"]
         assert (photo_folder / row["source"]).exists()
 
-    second = prepare(photo_folder, out, workers=2, cnn_fallback=False, progress=False)
+    second = prepare(photo_folder, out, geometry=ARCFACE_112, workers=2, cnn_fallback=False, progress=False)
     assert second["this_run"]["processed"] == 0
     assert second["crops"] == report["crops"] and second["failed"] == report["failed"]
 
     (out / rows[0]["path"]).unlink()
-    third = prepare(photo_folder, out, workers=1, cnn_fallback=False, progress=False)
+    third = prepare(photo_folder, out, geometry=ARCFACE_112, workers=1, cnn_fallback=False, progress=False)
     assert third["this_run"]["processed"] == 1 and third["this_run"]["ok"] == 1
     assert third["crops"] == report["crops"]
 
@@ -89,3 +92,20 @@ def test_teacher_descriptors_separate_identities(photo_folder, tmp_path):
             (same if identity[keys[a]] == identity[keys[b]] else different).append(distance)
     # dlib's own decision threshold is 0.6 on these descriptors.
     assert np.mean(same) < 0.6 < np.mean(different)
+
+
+def test_prepare_defaults_to_dlib_chips_and_records_the_geometry(photo_folder, tmp_path, capsys):
+    out = tmp_path / "chips"
+    report = prepare(photo_folder, out, workers=1, progress=False)
+    assert report["geometry"] == {"method": "dlib_chip", "size": 150, "padding": 0.25}
+    assert report["detector"] == {"name": "dlib", "upsample": 1, "landmarks": "5", "cnn_fallback": False}
+    recorded = json.loads((out / "geometry.json").read_text())
+    assert recorded["geometry"] == report["geometry"] and recorded["detector"]["landmarks"] == "5"
+    with open(out / "crops.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert rows and all(cv2.imread(str(out / r["path"])).shape == (150, 150, 3) for r in rows)
+    # The folder is never extended with crops of another geometry or landmark model.
+    assert main(["prepare", str(photo_folder), str(out), "--geometry", "arcface_template", "--quiet"]) == 2
+    assert "holds crops made with geometry dlib_chip 150x150 padding 0.25" in capsys.readouterr().err
+    with pytest.raises(FacegateError, match="5-point landmarks, not dlib_chip 150x150 padding 0.25 and 68"):
+        prepare(photo_folder, out, landmarks="68", progress=False)

@@ -10,7 +10,10 @@ EPOCHS=${EPOCHS:-4}
 COMMON=(--set data.root="$CROPS" --set data.teacher="$CROPS/teacher_dlib.npz" --set train.epochs="$EPOCHS")
 DISTILL=(--set loss.distill.enabled=true --set loss.distill.weight=10 --set loss.distill.direct=10 --set loss.head_weight=0.1 --set loss.uss.weight=0.1)
 
-[ -f "$CROPS/crops.csv" ] || $FG prepare ../shared/data/celeba-subset/identities.csv "$CROPS" --teacher dlib
+# The crops docs/results.md was measured on: ArcFace template from the 68-point landmarks, with
+# the CNN fallback (prepare's defaults then; the 68-point model is non-commercial, see docs/pipeline.md).
+[ -f "$CROPS/crops.csv" ] || $FG prepare ../shared/data/celeba-subset/identities.csv "$CROPS" --teacher dlib \
+  --geometry arcface_template --size 112 --landmarks 68 --cnn-fallback
 
 train_and_evaluate() {  # NAME CONFIG [extra overrides...]
   local name=$1 config=$2; shift 2

@@ -1,15 +1,22 @@
-"""``facegate prepare SRC OUT``: detect + align photo collections into 112x112 training crops.
+"""``facegate prepare SRC OUT``: detect + align photo collections into training crops.
 
-Training reads crops made by the same detector and aligner the server uses, so a
-model never sees a crop the server would not make. Decoding and detection are the
-slow part (seconds per photo with the CNN fallback), so the work is spread over
-processes and the step is resumable: photos whose crop already exists are skipped,
-photos that failed before are not retried unless asked, and the optional teacher
-file is merged rather than rewritten from scratch.
+Training reads crops made by the same function the server uses
+(``facegate.core.face.prepare_face``) with the same detector settings by default
+(dlib HOG, upsample 1, 5-point landmarks, no CNN fallback), so a model never sees a
+crop the server would not make. The crop geometry is the model's: dlib chips 150x150
+with padding 0.25 by default, ``--geometry arcface_template [--size 112]`` for the
+ArcFace template, or ``--bundle B`` for whatever bundle B's manifest declares. The
+geometry used is written to OUT/geometry.json, and a folder is never extended with
+crops of another geometry. Decoding and detection are the slow part (seconds per
+photo with the optional CNN fallback), so the work is spread over processes and the
+step is resumable: photos whose crop already exists are skipped, photos that failed
+before are not retried unless asked, and the optional teacher file is merged rather
+than rewritten from scratch.
 
 Outputs in OUT:
-    <identity>/<stem>.png   lossless aligned crops
+    <identity>/<stem>.png   lossless crops
     crops.csv               path,identity,source,score (paths relative to OUT)
+    geometry.json           the crop geometry and detector settings
     teacher_dlib.npz        optional: dlib's 128-d descriptor per crop path
     prepare_report.json     counts and per-photo failures with their reason
 """
@@ -21,6 +28,7 @@ import csv
 import json
 import multiprocessing
 import os
+import sys
 import time
 from collections import Counter
 from collections.abc import Iterable
@@ -30,11 +38,20 @@ from typing import Any
 
 import cv2
 import numpy as np
-from facegate.core.align import align
-from facegate.core.detect import DlibDetector, select_face
+from facegate.core.align import ARCFACE_112, DLIB_CHIP_150, Geometry
+from facegate.core.detect import LANDMARK_MODELS, DlibDetector, Landmarks
 from facegate.core.detect import dlib_model_file as find_dlib_model
 from facegate.core.errors import FacegateError
-from facegate.core.image import decode
+from facegate.core.face import (
+    GEOMETRY_FILE,
+    LANDMARK_CHOICES,
+    add_geometry_arguments,
+    geometry_from_args,
+    landmarks_for,
+    prepare_face,
+    read_geometry_file,
+    write_geometry_file,
+)
 from tqdm import tqdm
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
@@ -93,14 +110,15 @@ def list_photos(src: Path) -> list[Photo]:
 class DlibTeacher:
     """dlib's pretrained ResNet descriptor of a face, computed on the original photo.
 
-    Uses the 68-point shape of the same box the detector chose, as dlib intends.
+    Uses the shape of the same box the detector chose, from the same predictor
+    (``landmarks``: "5", dlib's recommended alignment for this network, or "68").
     """
 
-    def __init__(self) -> None:
+    def __init__(self, landmarks: Landmarks = "5") -> None:
         import dlib
 
         self._dlib = dlib
-        self._shape = dlib.shape_predictor(str(find_dlib_model("shape_predictor_68_face_landmarks.dat")))
+        self._shape = dlib.shape_predictor(str(find_dlib_model(LANDMARK_MODELS[landmarks])))
         self._net = dlib.face_recognition_model_v1(
             str(find_dlib_model("dlib_face_recognition_resnet_model_v1.dat"))
         )
@@ -112,22 +130,37 @@ class DlibTeacher:
 
 
 class PhotoProcessor:
-    """Decode, detect, align, write one photo's crop; held once per worker process."""
+    """Decode, detect, crop by ``geometry``, write one photo's crop; held once per worker process."""
 
-    def __init__(self, out: Path, *, cnn_fallback: bool, upsample: int, teacher: str | None) -> None:
+    def __init__(
+        self,
+        out: Path,
+        *,
+        geometry: Geometry,
+        cnn_fallback: bool,
+        upsample: int,
+        teacher: str | None,
+        landmarks: Landmarks = "5",
+    ) -> None:
         self.out = out
-        self.detector = DlibDetector(upsample=upsample, cnn_fallback=cnn_fallback)
-        self.teacher = DlibTeacher() if teacher == "dlib" else None
+        self.geometry = geometry
+        self.detector = DlibDetector(upsample=upsample, cnn_fallback=cnn_fallback, landmarks=landmarks)
+        self.teacher = DlibTeacher(landmarks) if teacher == "dlib" else None
 
     def __call__(self, photo: Photo) -> Outcome:
         try:
-            image = decode(photo.path.read_bytes())
-            face = select_face(self.detector.detect(image), policy="largest")
+            prepared = prepare_face(
+                photo.path.read_bytes(),
+                self.detector,
+                self.geometry,
+                policy="largest",
+                keep_image=self.teacher is not None,
+            )
         except FacegateError as err:
             return Outcome(photo, reason=err.code, message=err.message)
         except OSError as err:
             return Outcome(photo, reason="unreadable", message=str(err))
-        crop = align(image, face.landmarks)
+        face, crop = prepared.face, prepared.crop
         target = self.out / photo.crop
         target.parent.mkdir(parents=True, exist_ok=True)
         # Write then rename, so an interrupted run never leaves a half-written crop to skip.
@@ -135,7 +168,10 @@ class PhotoProcessor:
         if not cv2.imwrite(str(partial), cv2.cvtColor(crop, cv2.COLOR_RGB2BGR)):
             raise OSError(f"could not write {partial}")
         partial.replace(target)
-        teacher = self.teacher.describe(image, face.box) if self.teacher else None
+        teacher = None
+        if self.teacher is not None:
+            assert prepared.image is not None
+            teacher = self.teacher.describe(prepared.image, face.box)
         return Outcome(photo, score=float(face.score), teacher=teacher)
 
 
@@ -206,21 +242,52 @@ def pending_photos(
     return pending
 
 
+def _check_folder_matches(out: Path, geometry: Geometry, landmarks: str) -> None:
+    """Refuse to add crops to a folder whose crops were made with another geometry or landmarks."""
+    existing = read_geometry_file(out)
+    if existing is not None:
+        recorded = json.loads((out / GEOMETRY_FILE).read_text()).get("detector", {}).get("landmarks")
+    elif (out / CROPS_CSV).is_file():
+        existing, recorded = ARCFACE_112, "68"  # a folder from before geometry.json: all were these
+    else:
+        return
+    if existing != geometry or (recorded is not None and recorded != landmarks):
+        raise FacegateError(
+            f"{out} holds crops made with geometry {existing} and {recorded}-point landmarks, "
+            f"not {geometry} and {landmarks}-point: use another folder"
+        )
+
+
 def prepare(
     src: Path,
     out: Path,
     *,
+    geometry: Geometry = DLIB_CHIP_150,
     workers: int = 1,
-    cnn_fallback: bool = True,
+    cnn_fallback: bool = False,
     upsample: int = 1,
+    landmarks: str = "auto",
     teacher: str | None = None,
     retry_failed: bool = False,
     progress: bool = True,
 ) -> dict:
-    """Crop every photo of SRC into OUT (resumably) and return the report it also writes."""
+    """Crop every photo of SRC into OUT (resumably) and return the report it also writes.
+
+    The defaults are the server's detector settings (HOG upsample 1, landmarks "auto":
+    5-point for dlib chips, 68-point for the ArcFace template, see
+    ``core.face.landmarks_for``; no CNN fallback) and the dlib-chip geometry. Raises
+    ``FacegateError`` when OUT already holds crops of another geometry or landmark model.
+    """
     started = time.perf_counter()
+    landmarks = landmarks_for(geometry, landmarks)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    _check_folder_matches(out, geometry, landmarks)
+    write_geometry_file(
+        out,
+        geometry,
+        detector={"name": "dlib", "upsample": upsample, "landmarks": landmarks, "cnn_fallback": cnn_fallback},
+    )
     photos = list_photos(Path(src))
     crop_owner: dict[str, str] = {}
     for photo in photos:
@@ -238,7 +305,13 @@ def prepare(
     wanted = {p.source for p in photos}
     failures = {s: f for s, f in failures.items() if s in wanted}
 
-    options: dict[str, Any] = {"cnn_fallback": cnn_fallback, "upsample": upsample, "teacher": teacher}
+    options: dict[str, Any] = {
+        "geometry": geometry,
+        "cnn_fallback": cnn_fallback,
+        "upsample": upsample,
+        "landmarks": landmarks,
+        "teacher": teacher,
+    }
     workers = max(1, min(workers, len(todo)))
     new_ok, new_failed = 0, 0
     since_flush = 0
@@ -305,7 +378,8 @@ def prepare(
             "seconds": round(time.perf_counter() - started, 2),
             "workers": workers,
         },
-        "detector": {"name": "dlib", "upsample": upsample, "cnn_fallback": cnn_fallback},
+        "geometry": geometry.to_dict(),
+        "detector": {"name": "dlib", "upsample": upsample, "landmarks": landmarks, "cnn_fallback": cnn_fallback},
         "teacher": {"name": teacher, "file": teacher_path.name, "vectors": len(teacher_vectors)}
         if teacher_path is not None and teacher_vectors is not None
         else None,
@@ -319,12 +393,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("src", type=Path, help="folder of identity sub-folders, or CSV of path,identity")
     parser.add_argument("out", type=Path, help="output folder for crops, crops.csv and the report")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes (default: all cores)")
-    parser.add_argument("--upsample", type=int, default=1, help="dlib HOG upsampling passes")
+    add_geometry_arguments(parser)
+    parser.add_argument("--upsample", type=int, default=1, help="dlib HOG upsampling passes (server default 1)")
     parser.add_argument(
-        "--no-cnn-fallback",
-        dest="cnn_fallback",
-        action="store_false",
-        help="do not retry with dlib's CNN detector when HOG finds no face (faster, fewer crops)",
+        "--landmarks",
+        choices=LANDMARK_CHOICES,
+        default="auto",
+        help="dlib shape predictor: 5-point (public domain) or 68-point (trained on iBUG 300-W: "
+        "non-commercial licence); auto (the server's default): 5 for dlib chips, 68 for the "
+        "ArcFace template",
+    )
+    parser.add_argument(
+        "--cnn-fallback",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="retry with dlib's CNN detector when HOG finds no face (~2 s per miss, more crops, "
+        "but faces the server's default detector would not find; default off, as the server)",
     )
     parser.add_argument("--teacher", choices=sorted(TEACHER_FILES), help="also store a teacher embedding per crop")
     parser.add_argument("--retry-failed", action="store_true", help="retry photos that failed in an earlier run")
@@ -332,22 +416,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    report = prepare(
-        args.src,
-        args.out,
-        workers=args.workers,
-        cnn_fallback=args.cnn_fallback,
-        upsample=args.upsample,
-        teacher=args.teacher,
-        retry_failed=args.retry_failed,
-        progress=not args.quiet,
-    )
+    try:
+        geometry = geometry_from_args(args)
+        report = _prepare_from_args(args, geometry)
+    except (ValueError, FacegateError) as exc:  # bad geometry options, unreadable bundle, folder clash
+        print(f"facegate prepare: {exc}", file=sys.stderr)
+        return 2
     this_run = report["this_run"]
     print(
         f"{report['crops']}/{report['photos']} photos cropped ({report['crop_identities']} of "
         f"{report['identities']} identities); {report['failed']} failed {report['failures_by_reason']}; "
         f"this run: {this_run['processed']} processed ({this_run['ok']} ok, {this_run['failed']} failed), "
-        f"{this_run['skipped']} skipped, {this_run['seconds']} s on {this_run['workers']} workers"
+        f"{this_run['skipped']} skipped, {this_run['seconds']} s on {this_run['workers']} workers; "
+        f"geometry {geometry}"
     )
     print(f"report: {Path(args.out) / REPORT_JSON}")
     return 0
+
+
+def _prepare_from_args(args: argparse.Namespace, geometry: Geometry) -> dict:
+    return prepare(
+        args.src,
+        args.out,
+        geometry=geometry,
+        workers=args.workers,
+        cnn_fallback=args.cnn_fallback,
+        upsample=args.upsample,
+        landmarks=args.landmarks,
+        teacher=args.teacher,
+        retry_failed=args.retry_failed,
+        progress=not args.quiet,
+    )
