@@ -18,17 +18,35 @@ import numpy as np
 import onnx
 import torch
 from facegate.core.bundle import Bundle, sha256_file, write_bundle
+from facegate.core.detect import dlib_model_file
+from facegate.core.embed import preprocess
 from facegate.core.errors import BundleError
-from facegate.export.parity import ParityError, parity_report, to_model_input
-from facegate.train.backbones import INPUT_SIZE, get_backbone
+from facegate.export.parity import ParityError, parity_report
+from facegate.train.backbones import geometry_of, get_backbone, input_spec_of
 
 MIN_OPSET = 17
 FP32_MIN_COSINE = 0.9999
 EXPORTER = "torch.onnx.export(dynamo=False): TorchScript exporter (the dynamo one needs onnxscript)"
 
 
+PRETRAINED_DLIB = "dlib"
+
+
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    """A training checkpoint (see docs/interfaces.md) loaded on CPU."""
+    """A training checkpoint (see docs/interfaces.md) loaded on CPU.
+
+    ``dlib`` stands for dlib's pretrained face-recognition ResNet (CC0, from the
+    face_recognition_models package) as it is: a checkpoint without a threshold, so its
+    export takes ``--threshold`` and ``facegate calibrate`` then learns one.
+    """
+    if str(path) == PRETRAINED_DLIB:
+        from facegate.train.backbones import DLIB_MODEL_FILE, dlib_resnet
+
+        model_file = dlib_model_file(DLIB_MODEL_FILE)
+        return {"backbone": {"name": "dlib_resnet", "kwargs": {"embedding_size": 128}},
+                "state_dict": dlib_resnet(pretrained=True).state_dict(), "embedding_size": 128,
+                "threshold": None, "source": f"{model_file.name} (dlib-models, CC0 1.0)",
+                "source_sha256": sha256_file(model_file)}
     try:
         checkpoint = torch.load(Path(path), map_location="cpu", weights_only=False)
     except (OSError, RuntimeError) as exc:
@@ -51,22 +69,24 @@ def build_backbone(checkpoint: dict[str, Any]) -> torch.nn.Module:
 @torch.inference_mode()
 def torch_embed(model: torch.nn.Module, crops: np.ndarray) -> np.ndarray:
     """Raw (un-normalised) embeddings of aligned crops from the PyTorch model."""
-    return model(torch.from_numpy(to_model_input(crops))).numpy()
+    return model(torch.from_numpy(preprocess(np.asarray(crops), input_spec_of(model)))).numpy()
 
 
-def onnx_embed(onnx_path: Path, crops: np.ndarray) -> np.ndarray:
+def onnx_embed(onnx_path: Path, crops: np.ndarray, input_spec: dict[str, Any]) -> np.ndarray:
     """Raw embeddings from ONNX Runtime on CPU (the reference runtime of a bundle)."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    return session.run(["embedding"], {"input": to_model_input(crops)})[0]
+    return session.run(["embedding"], {"input": preprocess(np.asarray(crops), input_spec)})[0]
 
 
 def export_onnx(model: torch.nn.Module, path: Path, *, opset: int = MIN_OPSET) -> Path:
-    """Write ``model`` as ONNX: input ``input`` (N, 3, 112, 112), output ``embedding``, dynamic N."""
+    """Write ``model`` as ONNX: input ``input`` (N, 3, S, S) at the backbone's input size,
+    output ``embedding``, dynamic N."""
     if opset < MIN_OPSET:
         raise BundleError(f"opset {opset} < {MIN_OPSET}: the runtimes expect opset >= {MIN_OPSET}")
-    dummy = torch.zeros(2, 3, INPUT_SIZE, INPUT_SIZE)
+    height, width = input_spec_of(model)["size"]
+    dummy = torch.zeros(2, 3, height, width)
     with warnings.catch_warnings():  # the legacy exporter's deprecation notice is expected
         warnings.simplefilter("ignore", DeprecationWarning)
         _export_legacy(model, dummy, path, opset)
@@ -148,7 +168,8 @@ def export_bundle(
 ) -> Bundle:
     """Export a checkpoint into a bundle folder; raises ``ParityError`` if ONNX drifts from torch.
 
-    ``parity_crops`` are real aligned crops (N, 112, 112, 3) uint8. With ``simplify`` the
+    ``parity_crops`` are real crops (N, S, S, 3) uint8 made with the backbone's geometry
+    (``geometry_of(model)``, also written to the manifest). With ``simplify`` the
     onnxslim-simplified graph replaces the plain one only when it also passes parity.
     """
     checkpoint_path = Path(checkpoint_path)
@@ -159,7 +180,9 @@ def export_bundle(
 
     with tempfile.TemporaryDirectory(prefix="facegate-export-") as tmp:
         plain = export_onnx(model, Path(tmp) / "plain.onnx", opset=opset)
-        parity = parity_report(reference, onnx_embed(plain, parity_crops), min_cosine=min_cosine)
+        spec = input_spec_of(model)
+        parity = parity_report(reference, onnx_embed(plain, parity_crops, spec),
+                               min_cosine=min_cosine)
         if not parity["passed"]:
             raise ParityError(
                 f"ONNX vs PyTorch min cosine {parity['min_cosine']:.6f} < {min_cosine} "
@@ -173,7 +196,7 @@ def export_bundle(
                 simplification["reason"] = "onnxslim is not installed"
             else:
                 slim_parity = parity_report(
-                    reference, onnx_embed(slim, parity_crops), min_cosine=min_cosine
+                    reference, onnx_embed(slim, parity_crops, spec), min_cosine=min_cosine
                 )
                 simplification.update(tool="onnxslim", parity=slim_parity)
                 if slim_parity["passed"]:
@@ -184,15 +207,18 @@ def export_bundle(
 
         onnx_model = onnx.load(str(chosen))
         extra = {
+            "input": spec,
+            "geometry": geometry_of(model),
             "training": {
                 "backbone": checkpoint["backbone"],
                 "config": checkpoint.get("config"),
                 "epoch": checkpoint.get("epoch"),
                 "step": checkpoint.get("step"),
-                "checkpoint": checkpoint_path.name,
-                "checkpoint_sha256": sha256_file(checkpoint_path),
+                "checkpoint": checkpoint.get("source", checkpoint_path.name),
+                "checkpoint_sha256": checkpoint.get("source_sha256") or sha256_file(checkpoint_path),
             },
-            "evaluation": run_evaluation(checkpoint_path.parent),
+            "evaluation": {} if str(checkpoint_path) == PRETRAINED_DLIB
+            else run_evaluation(checkpoint_path.parent),
             "export": {
                 "exporter": EXPORTER,
                 "opset": max(

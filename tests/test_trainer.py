@@ -1,4 +1,5 @@
-"""Trainer tests on real CelebA crops (prepared here with `facegate prepare`), tiny backbone."""
+"""Trainer tests on real CelebA crops (prepared here with `facegate prepare`): a tiny
+MobileFaceNet on ArcFace-template crops, and fine-tuning of the dlib ResNet port on dlib chips."""
 
 from __future__ import annotations
 
@@ -10,31 +11,53 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from facegate.core.align import ARCFACE_112
 from facegate.train.config import ConfigError, OptimConfig, load_config
 from facegate.train.prepare import prepare
-from facegate.train.trainer import CHECKPOINT, learning_rate, train
+from facegate.train.trainer import CHECKPOINT, build_optimizer, learning_rate, lr_multiplier, train
 
 IDENTITIES = 8
 PHOTOS = 4
+CHIP_IDENTITIES = 6
+
+
+def photo_list(celeba_index, folder: Path, identities: int, skip: int = 0) -> Path:
+    """An identities.csv of `identities` people x PHOTOS photos (people with spare photos,
+    in name order, after the first `skip` of them)."""
+    by_identity: dict[str, list[Path]] = {}
+    for path, identity in celeba_index:
+        by_identity.setdefault(identity, []).append(path)
+    chosen = [i for i in sorted(by_identity) if len(by_identity[i]) >= PHOTOS + 2]
+    src = folder / "identities.csv"
+    with open(src, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "identity"])
+        for identity in chosen[skip : skip + identities]:
+            for path in by_identity[identity][:PHOTOS]:
+                writer.writerow([str(path), identity])
+    return src
 
 
 @pytest.fixture(scope="session")
 def crops_root(celeba_root, celeba_index, tmp_path_factory) -> Path:
-    """A prepared crops folder (with dlib teacher vectors) of 8 identities x 4 real photos."""
-    by_identity: dict[str, list[Path]] = {}
-    for path, identity in celeba_index:
-        by_identity.setdefault(identity, []).append(path)
-    chosen = [i for i in sorted(by_identity) if len(by_identity[i]) >= PHOTOS + 2][:IDENTITIES]
-    src = tmp_path_factory.mktemp("photos") / "identities.csv"
-    with open(src, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["path", "identity"])
-        for identity in chosen:
-            for path in by_identity[identity][:PHOTOS]:
-                writer.writerow([str(path), identity])
+    """A prepared crops folder (ArcFace 112 template, what MobileFaceNet takes; with dlib
+    teacher vectors) of 8 identities x 4 real photos."""
+    src = photo_list(celeba_index, tmp_path_factory.mktemp("photos"), IDENTITIES)
     out = tmp_path_factory.mktemp("crops")
-    report = prepare(src, out, workers=1, cnn_fallback=False, teacher="dlib", progress=False)
+    report = prepare(src, out, geometry=ARCFACE_112, workers=1, cnn_fallback=False,
+                     teacher="dlib", progress=False)
     assert report["crop_identities"] == IDENTITIES, report
+    return out
+
+
+@pytest.fixture(scope="session")
+def chips_root(celeba_root, celeba_index, tmp_path_factory) -> Path:
+    """dlib chips (prepare's default geometry: 150x150, padding 0.25, 5-point landmarks) of
+    6 identities x 4 real photos, made by the server's path (`facegate prepare`)."""
+    src = photo_list(celeba_index, tmp_path_factory.mktemp("chip-photos"), CHIP_IDENTITIES)
+    out = tmp_path_factory.mktemp("chips")
+    report = prepare(src, out, workers=1, cnn_fallback=False, progress=False)
+    assert report["crop_identities"] == CHIP_IDENTITIES, report
     return out
 
 
@@ -67,6 +90,39 @@ def test_config_overrides_and_validation(tmp_path):
     bad.write_text("- a list\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_config(bad)
+
+
+def test_dlib_init_needs_the_dlib_backbone():
+    with pytest.raises(ConfigError, match="dlib_resnet"):
+        load_config(None, ["model.init=dlib"])  # default backbone: mobilefacenet
+    with pytest.raises(ConfigError, match="model.init"):
+        load_config(None, ["model.init=weights.bin"])
+    with pytest.raises(ConfigError, match="lr_mult"):
+        load_config(None, ['optim.lr_mult={"backbone.": -1}'])
+    cfg = load_config(None, ["model.backbone=dlib_resnet", "model.init=dlib", "model.width=1.0",
+                             'optim.lr_mult={"backbone.": 0, "backbone.fc.": 1}'])
+    assert cfg.model.init == "dlib" and cfg.optim.lr_mult == {"backbone.": 0.0, "backbone.fc.": 1.0}
+
+
+def test_lr_multiplier_longest_prefix_wins():
+    mult = {"backbone.": 0.0, "backbone.fc.": 0.5, "backbone.blocks.1.": 0.1}
+    assert lr_multiplier("backbone.fc.weight", mult) == 0.5
+    assert lr_multiplier("backbone.conv.weight", mult) == 0.0
+    assert lr_multiplier("backbone.blocks.1.conv1.weight", mult) == 0.1
+    assert lr_multiplier("backbone.blocks.10.conv1.weight", mult) == 0.0  # a prefix, not a number
+    assert lr_multiplier("head.weight", mult) == 1.0  # no prefix matches
+    assert lr_multiplier("backbone.fc.weight", dict(reversed(mult.items()))) == 0.5  # order-free
+    assert lr_multiplier("anything", {}) == 1.0
+
+    model = torch.nn.Module()
+    model.backbone = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    model.head = torch.nn.Linear(2, 2)
+    optimizer = build_optimizer(model, OptimConfig(lr_mult={"backbone.": 0.0, "backbone.1.": 0.5}))
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen == {"backbone.0.weight", "backbone.0.bias"}
+    in_optimizer = {id(p): g["lr_mult"] for g in optimizer.param_groups for p in g["params"]}
+    assert sorted(in_optimizer.values()) == [0.5, 0.5, 1.0, 1.0]
+    assert all(id(p) not in in_optimizer for p in model.backbone[0].parameters())
 
 
 @pytest.mark.parametrize("config", sorted((Path(__file__).parents[1] / "configs").glob("*.yaml")))
@@ -183,3 +239,49 @@ def test_teacher_vectors_are_centred(crops_root):
     np.testing.assert_allclose(centred, raw - raw.mean(axis=0), atol=1e-6)
     unit = raw / np.linalg.norm(raw, axis=1, keepdims=True)
     assert (unit @ unit.T).min() > 0.5  # the cone: every pair, even of two people, is close
+
+
+def test_finetune_dlib_port_trains_fc_only_and_stays_close(chips_root, tmp_path):
+    """dlib ResNet port fine-tuned on real dlib chips with everything but fc frozen: the frozen
+    weights stay the port's bit for bit, fc moves, and a held-out chip still embeds near the port."""
+    from facegate.export.onnx import build_backbone, torch_embed
+    from facegate.train.backbones import dlib_resnet
+    from facegate.train.data import CropFolder
+
+    cfg = load_config(None, [
+        f"data.root={chips_root}", "data.holdout=2",
+        "model.backbone=dlib_resnet", "model.init=dlib", "model.width=1.0",
+        "model.embedding_size=128",
+        "loss.uss.enabled=true", "loss.uss.negatives=mean", "loss.uss.start_epoch=0",
+        # dlib's fc nearly cancels its all-positive 256-d features (|W f| ~ 1.5 for |f| ~ 19),
+        # so an SGD step (grad = g f^T, CosFace s=64) moves the output along f: an fc learning
+        # rate of 1e-4 already turns a held-out embedding to cosine ~0.2 with the port's in two
+        # steps, configs/dlib_finetune.yaml's 5e-3 to ~0. 1e-5 here: fc moves, stays close.
+        'optim.lr_mult={"backbone.": 0, "backbone.fc.": 0.0001}', "optim.warmup_epochs=0",
+        "train.p=2", "train.k=2", "train.epochs=1", "train.log_every=1",
+    ])
+    run = tmp_path / "dlib_finetune"
+    summary = train(cfg, run, max_steps=2, progress=False)
+    steps = [r for r in read_log(run) if r["kind"] == "step"]
+    assert [r["step"] for r in steps] == [1, 2] and summary["step"] == 2
+    assert all(math.isfinite(r["loss_head"]) and math.isfinite(r["loss_uss"]) for r in steps)
+
+    ckpt = torch.load(run / CHECKPOINT, map_location="cpu", weights_only=False)
+    assert ckpt["backbone"] == {"name": "dlib_resnet",
+                                "kwargs": {"embedding_size": 128, "width": 1.0}}
+    port = dlib_resnet(pretrained=True).eval()
+    reference = port.state_dict()
+    assert set(ckpt["state_dict"]) == set(reference)
+    for key, value in reference.items():
+        if key.startswith("fc."):
+            assert not torch.equal(ckpt["state_dict"][key], value), key
+        else:
+            assert torch.equal(ckpt["state_dict"][key], value), key
+
+    held_out = json.loads((run / "split.json").read_text())["test"]
+    chip = CropFolder(chips_root, identities=held_out[:1]).load(workers=1)[:1]
+    assert chip.shape == (1, 150, 150, 3)
+    tuned = build_backbone(ckpt)
+    a, b = torch_embed(tuned, chip)[0], torch_embed(port, chip)[0]
+    cosine = float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+    assert 0.9 < cosine < 1.0, cosine

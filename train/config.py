@@ -39,6 +39,9 @@ class ModelConfig:
     backbone: str = "mobilefacenet"
     width: float = 0.5
     embedding_size: int = 128
+    # Start from pretrained weights: "dlib" (the port of dlib's ResNet, backbone dlib_resnet)
+    # or a training checkpoint .pt of the same backbone. None trains from scratch.
+    init: str | None = None
 
 
 @dataclass
@@ -49,6 +52,16 @@ class USSConfig:
     start_epoch: int = 1  # UniTSFace: epoch 0 fills the memory with sample-to-class alone
     weight: float = 1.0
     variant: str = "uss"  # uss | s2s_softmax | s2s_bce
+    # USS negative side (variant "uss"): "sum" over the other classes (the paper) or
+    # "mean" over them (verification form), times negative_weight (lambda; see USSLoss).
+    negatives: str = "sum"
+    negative_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.negatives not in ("sum", "mean"):
+            raise ConfigError(f"loss.uss.negatives must be sum or mean, got {self.negatives!r}")
+        if not self.negative_weight > 0:
+            raise ConfigError(f"loss.uss.negative_weight must be > 0, got {self.negative_weight}")
 
 
 @dataclass
@@ -95,6 +108,9 @@ class OptimConfig:
     warmup_epochs: float = 1.0
     schedule: str = "cosine"  # poly | step | cosine
     milestones: list[int] = field(default_factory=list)  # epochs, for "step" (x0.1 each)
+    # Learning-rate multipliers by parameter-name prefix (longest prefix wins), e.g.
+    # {"backbone.": 0.1, "backbone.fc": 1.0}; 0 freezes those parameters.
+    lr_mult: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -205,6 +221,10 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"{key} must be a list, got {value!r}")
         return [_coerce(args[0], v, key) for v in value]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping, got {value!r}")
+        return {_coerce(args[0], k, key): _coerce(args[1], v, f"{key}.{k}") for k, v in value.items()}
     if hint is bool:
         if isinstance(value, bool):
             return value
@@ -238,6 +258,13 @@ def validate(cfg: Config) -> None:
         raise ConfigError("train.p must be >= 2 (a batch needs negative pairs)")
     if cfg.loss.distill.enabled and not cfg.data.teacher:
         raise ConfigError("loss.distill.enabled needs data.teacher (an .npz of teacher embeddings)")
+    for prefix, mult in cfg.optim.lr_mult.items():
+        if mult < 0:
+            raise ConfigError(f"optim.lr_mult.{prefix} must be >= 0, got {mult}")
+    if cfg.model.init is not None and cfg.model.init != "dlib" and not cfg.model.init.endswith(".pt"):
+        raise ConfigError(f"model.init must be 'dlib' or a checkpoint .pt, got {cfg.model.init!r}")
+    if cfg.model.init == "dlib" and cfg.model.backbone != "dlib_resnet":
+        raise ConfigError("model.init 'dlib' needs model.backbone dlib_resnet")
     if not 0 < cfg.augment.min_scale <= 1:
         raise ConfigError(f"augment.min_scale must be in (0, 1], got {cfg.augment.min_scale}")
     if cfg.loss.tcm.enabled and cfg.train.k < 2:

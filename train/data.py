@@ -13,6 +13,7 @@ import os
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -20,7 +21,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 from tqdm import tqdm
 
-CROP_SIZE = 112
+DEFAULT_CROP_SIZE = 112  # the ArcFace template crops; dlib chips are 150
 CROP_SUFFIX = ".png"
 
 
@@ -94,23 +95,34 @@ def load_vectors(path: str | Path, keys: list[str]) -> np.ndarray:
         return np.stack([table[key] for key in keys]).astype(np.float32)
 
 
-def _read_crop(path: Path) -> np.ndarray:
+def _read_crop(path: Path, size: int) -> np.ndarray:
     image = cv2.imread(str(path), cv2.IMREAD_COLOR)
     if image is None:
         raise OSError(f"cannot read crop {path}")
-    if image.shape[:2] != (CROP_SIZE, CROP_SIZE):
-        raise ValueError(f"{path} is {image.shape[1]}x{image.shape[0]}, not a {CROP_SIZE}x{CROP_SIZE} crop")
+    if image.shape[:2] != (size, size):
+        raise ValueError(f"{path} is {image.shape[1]}x{image.shape[0]}, not a {size}x{size} crop "
+                         "like the folder's first one")
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def crop_size(path: str | Path) -> int:
+    """Side of a square crop file: the geometry the folder was prepared with (112, 150...)."""
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if image is None:
+        raise OSError(f"cannot read crop {path}")
+    return int(image.shape[0])
 
 
 def load_crops(
     paths: Sequence[str | Path], workers: int | None = None, progress: bool = False
 ) -> np.ndarray:
-    """Read crops into one (N, 112, 112, 3) uint8 RGB array (threads: cv2 releases the GIL)."""
-    out = np.empty((len(paths), CROP_SIZE, CROP_SIZE, 3), dtype=np.uint8)
+    """Read square crops, all the size of the first, into one (N, S, S, 3) uint8 RGB array
+    (threads: cv2 releases the GIL)."""
+    size = crop_size(paths[0]) if len(paths) else DEFAULT_CROP_SIZE
+    out = np.empty((len(paths), size, size, 3), dtype=np.uint8)
     workers = workers or min(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(workers) as pool:
-        loaded = pool.map(_read_crop, (Path(p) for p in paths))
+        loaded = pool.map(lambda p: _read_crop(Path(p), size), paths)
         for i, image in enumerate(tqdm(loaded, total=len(paths), desc="load crops", disable=not progress)):
             out[i] = image
     return out
@@ -233,10 +245,18 @@ def make_pairs(
     )
 
 
-def normalize(images: np.ndarray) -> torch.Tensor:
-    """uint8 (N, H, W, 3) or (H, W, 3) RGB -> float32 NCHW / CHW in [-1, 1], the model input."""
-    array = np.ascontiguousarray(np.moveaxis(images, -1, -3), dtype=np.float32)
-    return torch.from_numpy((array - 127.5) / 127.5)
+def normalize(images: np.ndarray, input_spec: dict[str, Any] | None = None) -> torch.Tensor:
+    """uint8 (N, H, W, 3) or (H, W, 3) RGB -> the model's float32 NCHW / CHW input.
+
+    The same ``core.embed.preprocess`` the runtimes use, with the backbone's input spec
+    (default: the 112x112 models' (x - 127.5) / 127.5), so training and serving feed alike.
+    """
+    from facegate.core.bundle import DEFAULT_INPUT
+    from facegate.core.embed import preprocess
+
+    single = images.ndim == 3
+    x = preprocess(images[None] if single else images, input_spec or DEFAULT_INPUT)
+    return torch.from_numpy(x[0] if single else x)
 
 
 def random_resized_crop(image: np.ndarray, rng: np.random.Generator, min_scale: float) -> np.ndarray:
@@ -277,6 +297,7 @@ class CropDataset(Dataset):
         flip: bool = True,
         min_scale: float = 0.85,
         jitter: float = 0.0,
+        input_spec: dict[str, Any] | None = None,
     ) -> None:
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError("images must be (N, H, W, 3) uint8")
@@ -286,6 +307,7 @@ class CropDataset(Dataset):
         self.labels = torch.as_tensor(np.asarray(labels), dtype=torch.long)
         self.teacher = None if teacher is None else torch.as_tensor(teacher, dtype=torch.float32)
         self.augment, self.flip, self.min_scale, self.jitter = augment, flip, min_scale, jitter
+        self.input_spec = input_spec
 
     def __len__(self) -> int:
         return len(self.images)
@@ -300,7 +322,7 @@ class CropDataset(Dataset):
                 image = random_resized_crop(np.ascontiguousarray(image), rng, self.min_scale)
             if self.jitter > 0:
                 image = color_jitter(image, rng, self.jitter)
-        x = normalize(image)
+        x = normalize(np.ascontiguousarray(image), self.input_spec)
         if self.teacher is None:
             return x, self.labels[index]
         return x, self.labels[index], self.teacher[index]

@@ -152,14 +152,16 @@ def embed_torch(
 ) -> np.ndarray:
     """L2-normalised embeddings of uint8 RGB crops; with ``flip`` the sum with the mirror image."""
     import torch
+    from facegate.train.backbones import input_spec_of
+    from facegate.train.data import normalize
 
     was_training = backbone.training
     backbone.eval()
     chunks = []
     with torch.inference_mode():
         for start in tqdm(range(0, len(images), batch_size), desc="embed", disable=not progress):
-            batch = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size]))
-            x = batch.to(device).permute(0, 3, 1, 2).float().sub_(127.5).div_(127.5)
+            batch = np.ascontiguousarray(images[start : start + batch_size])
+            x = normalize(batch, input_spec_of(backbone)).to(device)
             e = backbone(x).float()
             if flip:
                 e = e + backbone(torch.flip(x, dims=[3])).float()
