@@ -15,12 +15,16 @@ import sys
 # name -> (module, help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "detect": ("facegate.core.cli_detect", "detect faces in an image; print JSON, optionally draw them"),
-    "align": ("facegate.core.cli_align", "detect the largest face and write its aligned 112x112 crop"),
-    "prepare": ("facegate.train.prepare", "detect + align photo folders into 112x112 training crops"),
+    "align": ("facegate.core.cli_align", "detect the largest face and write its crop in a model's geometry"),
+    "prepare": ("facegate.train.prepare", "detect + align photo folders into training crops (dlib chips or ArcFace template)"),
     "train": ("facegate.train.trainer", "train an embedding model from a config file"),
     "evaluate": ("facegate.train.evaluate", "evaluate a model bundle or checkpoint on pairs"),
+    "calibrate": ("facegate.train.calibrate",
+                  "learn a bundle's USS threshold on frozen embeddings of labelled crops"),
     "export": ("facegate.export.cli", "export a checkpoint to ONNX / TensorRT bundles"),
     "serve": ("facegate.server.cli", "run the HTTP server"),
+    "gallery": ("facegate.gallery.cli",
+                "gallery maintenance: `gallery reembed` moves kept crops to a new model bundle"),
 }
 
 

@@ -243,6 +243,104 @@ def test_uss_learns_threshold_between_negatives_and_positives(start: float | Non
     assert max_negative < loss.threshold < min_positive
 
 
+def sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x))
+
+
+def _uss_three_classes(**kwargs) -> USSLoss:
+    """Classes 0, 1, 2 in memory at (1, 0), (0, 1), (-0.6, 0.8); class 3 never seen; b = 0.5."""
+    loss = USSLoss(4, 2, s=2.0, m=0.1, **kwargs).double()
+    loss.update_memory(t([[1.0, 0.0], [0.0, 1.0], [-0.6, 0.8]]), torch.tensor([0, 1, 2]))
+    with torch.no_grad():
+        loss.bias.fill_(0.5)
+    loss.bias_initialised.fill_(True)
+    return loss
+
+
+# sample 0 (class 0) at (0.6, 0.8): positive cos 0.6 -> argument -(2*(0.6-0.1) - 0.5) = -0.5;
+#   negatives: class 1 cos 0.8 -> 2*0.8 - 0.5 = 1.1, class 2 cos 0.28 -> 0.06.
+# sample 1 (class 3, unseen: no positive) at (0.8, 0.6): negatives 1.1, 0.7, -0.5 (none clamped).
+_USS_EMB, _USS_LABELS = [[0.6, 0.8], [0.8, 0.6]], [0, 3]
+
+
+def _uss_value_and_bias_grad(loss: USSLoss) -> tuple[float, float]:
+    value = loss(t(_USS_EMB), torch.tensor(_USS_LABELS))
+    (grad,) = torch.autograd.grad(value, loss.bias)
+    return value.item(), grad.item()
+
+
+def test_uss_sum_form_is_the_paper_unchanged() -> None:
+    value, grad = _uss_value_and_bias_grad(_uss_three_classes())
+    expected = (softplus(-0.5) + softplus(1.1) + softplus(0.06)
+                + softplus(1.1) + softplus(0.7) + softplus(-0.5)) / 2
+    # d/db: +sigmoid(arg) for the positive, -sigmoid(arg) per negative
+    expected_grad = (sigmoid(-0.5) - sigmoid(1.1) - sigmoid(0.06)
+                     - sigmoid(1.1) - sigmoid(0.7) - sigmoid(-0.5)) / 2
+    assert value == pytest.approx(expected, abs=1e-12)
+    assert grad == pytest.approx(expected_grad, abs=1e-12)
+    explicit = _uss_three_classes(negatives="sum", negative_weight=1.0)
+    assert _uss_value_and_bias_grad(explicit) == (value, grad)
+
+
+def test_uss_mean_form_value_and_bias_gradient() -> None:
+    loss = _uss_three_classes(negatives="mean", negative_weight=2.0)
+    value, grad = _uss_value_and_bias_grad(loss)
+    # negatives averaged over the filled other classes (2 for sample 0, 3 for sample 1), x lambda
+    expected = (softplus(-0.5) + 2.0 * (softplus(1.1) + softplus(0.06)) / 2
+                + 2.0 * (softplus(1.1) + softplus(0.7) + softplus(-0.5)) / 3) / 2
+    expected_grad = (sigmoid(-0.5) - 2.0 * (sigmoid(1.1) + sigmoid(0.06)) / 2
+                     - 2.0 * (sigmoid(1.1) + sigmoid(0.7) + sigmoid(-0.5)) / 3) / 2
+    assert value == pytest.approx(expected, abs=1e-12)
+    assert grad == pytest.approx(expected_grad, abs=1e-12)
+    assert loss.threshold == pytest.approx(0.25)
+
+
+def test_uss_sum_form_negative_weight() -> None:
+    value, grad = _uss_value_and_bias_grad(_uss_three_classes(negative_weight=0.5))
+    expected = (softplus(-0.5) + 0.5 * (softplus(1.1) + softplus(0.06)
+                + softplus(1.1) + softplus(0.7) + softplus(-0.5))) / 2
+    assert value == pytest.approx(expected, abs=1e-12)
+
+
+def test_uss_mean_with_lambda_c_minus_1_equals_sum_when_memory_is_full() -> None:
+    """Every class filled: mean over C-1 classes times (C-1) is the paper's sum."""
+    emb, labels = t(_USS_EMB), torch.tensor([0, 2])
+    paper = _uss_three_classes()
+    paper.update_memory(t([[0.3, -0.9]]), torch.tensor([3]))
+    variant = _uss_three_classes(negatives="mean", negative_weight=3.0)
+    variant.update_memory(t([[0.3, -0.9]]), torch.tensor([3]))
+    assert variant(emb, labels).item() == pytest.approx(paper(emb, labels).item(), abs=1e-12)
+
+
+def test_uss_mean_form_bias_initialisation() -> None:
+    loss = USSLoss(4, 2, s=2.0, m=0.1, negatives="mean", negative_weight=2.0).double()
+    loss.update_memory(t([[1.0, 0.0], [0.0, 1.0], [-0.6, 0.8]]), torch.tensor([0, 1, 2]))
+    loss(t(_USS_EMB), torch.tensor(_USS_LABELS))
+    # per sample: log(lambda * mean_c exp(s*cos_ic)), averaged
+    first = math.log(2.0 * (math.exp(1.6) + math.exp(0.56)) / 2)
+    second = math.log(2.0 * (math.exp(1.6) + math.exp(1.2) + math.exp(0.0)) / 3)
+    assert loss.bias.item() == pytest.approx((first + second) / 2, abs=1e-12)
+
+
+def test_uss_rejects_bad_negative_options() -> None:
+    with pytest.raises(ValueError, match="negatives"):
+        USSLoss(3, 2, negatives="max")
+    with pytest.raises(ValueError, match="negative_weight"):
+        USSLoss(3, 2, negative_weight=0.0)
+
+
+def test_uss_config_negative_options() -> None:
+    from facegate.train.config import ConfigError, load_config
+
+    cfg = load_config(None, ["loss.uss.negatives=mean", "loss.uss.negative_weight=4"])
+    assert cfg.loss.uss.negatives == "mean" and cfg.loss.uss.negative_weight == 4.0
+    assert load_config(None).loss.uss.negatives == "sum"
+    with pytest.raises(ConfigError, match="negatives"):
+        load_config(None, ["loss.uss.negatives=max"])
+    with pytest.raises(ConfigError, match="negative_weight"):
+        load_config(None, ["loss.uss.negative_weight=0"])
+
+
 # ---------------------------------------------------------------- S2S ablation baselines
 
 

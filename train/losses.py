@@ -153,11 +153,17 @@ class FeatureMemory(nn.Module):
         return cos, own & filled, ~own & filled
 
 
+NEGATIVES = ("sum", "mean")
+
+
 class _BinaryS2SLoss(FeatureMemory):
     """USS form with a learnable bias of shape ``bias_shape`` (scalar: USS; (C,): S2S-BCE).
 
-    L(i) = sum_{c=y_i} softplus(-(s*(cos_ic - m) - b_c)) + sum_{c!=y_i} softplus(s*cos_ic - b_c)
-    over filled classes only, exponent arguments clamped to [-s, s], mean over samples.
+    L(i) = sum_{c=y_i} softplus(-(s*(cos_ic - m) - b_c)) + lambda * N_i,
+    N_i = sum_{c!=y_i} softplus(s*cos_ic - b_c)  (``negatives="sum"``, the paper's form)
+    or the same sum divided by the number of filled classes c != y_i (``"mean"``),
+    over filled classes only, exponent arguments clamped to [-s, s], mean over samples;
+    ``lambda`` is ``negative_weight`` (1 in the paper).
     The bias is initialised at the first call that sees a filled negative class; until
     then it stays 0 (and with an empty memory the loss is a graph-connected 0).
     """
@@ -165,20 +171,40 @@ class _BinaryS2SLoss(FeatureMemory):
     bias_initialised: torch.Tensor
 
     def __init__(
-        self, num_classes: int, embedding_size: int, s: float, m: float, bias_shape: tuple
+        self,
+        num_classes: int,
+        embedding_size: int,
+        s: float,
+        m: float,
+        bias_shape: tuple,
+        negatives: str = "sum",
+        negative_weight: float = 1.0,
     ) -> None:
         super().__init__(num_classes, embedding_size)
+        if negatives not in NEGATIVES:
+            raise ValueError(f"negatives must be one of {NEGATIVES}, got {negatives!r}")
+        if not (math.isfinite(negative_weight) and negative_weight > 0):
+            raise ValueError(f"negative_weight must be a positive number, got {negative_weight!r}")
         self.s, self.m = float(s), float(m)
+        self.negatives, self.negative_weight = negatives, float(negative_weight)
         self.bias = nn.Parameter(torch.zeros(bias_shape))
         self.register_buffer("bias_initialised", torch.zeros((), dtype=torch.bool))
 
     @torch.no_grad()
     def _initialise_bias(self, cos: torch.Tensor, negatives: torch.Tensor) -> None:
         """Once: b = mean_i logsumexp_{c != y_i}(s * cos_ic) over samples with negatives
-        (UniTSFace's reference code), so the threshold starts among the negatives."""
+        (UniTSFace's reference code), so the threshold starts among the negatives.
+
+        That b solves ``sum_c exp(s*cos_ic - b) = 1``; the variant starts from the same
+        point of its own negative side, ``lambda * agg_c exp(s*cos_ic - b) = 1``: plus
+        ``log(lambda)``, and minus ``log(#negatives_i)`` with ``negatives="mean"``
+        (so the paper's defaults give exactly the reference value)."""
         has_negative = negatives.any(dim=1)
         scaled = (self.s * cos).masked_fill(~negatives, float("-inf"))
-        value = torch.logsumexp(scaled[has_negative], dim=1).mean()
+        per_sample = torch.logsumexp(scaled[has_negative], dim=1)
+        if self.negatives == "mean":
+            per_sample = per_sample - negatives[has_negative].sum(dim=1).to(cos.dtype).log()
+        value = per_sample.mean() + math.log(self.negative_weight)
         self.bias.fill_(value.item())
         self.bias_initialised.fill_(True)
 
@@ -193,10 +219,13 @@ class _BinaryS2SLoss(FeatureMemory):
         pos_arg = (-(self.s * (cos - self.m) - b)).clamp(-self.s, self.s)
         neg_arg = (self.s * cos - b).clamp(-self.s, self.s)
         zero = torch.zeros((), dtype=cos.dtype, device=cos.device)
-        per_sample = torch.where(positives, F.softplus(pos_arg), zero).sum(dim=1) + torch.where(
-            negatives, F.softplus(neg_arg), zero
-        ).sum(dim=1)
-        return per_sample.mean()
+        positive = torch.where(positives, F.softplus(pos_arg), zero).sum(dim=1)
+        negative = torch.where(negatives, F.softplus(neg_arg), zero).sum(dim=1)
+        if self.negatives == "mean":
+            negative = negative / negatives.sum(dim=1).clamp_min(1).to(cos.dtype)
+        if self.negative_weight != 1.0:
+            negative = self.negative_weight * negative
+        return (positive + negative).mean()
 
 
 class USSLoss(_BinaryS2SLoss):
@@ -207,12 +236,42 @@ class USSLoss(_BinaryS2SLoss):
     Classes whose memory is not yet filled contribute nothing. Train as
     ``L = CosFace + USS`` after a CosFace-only epoch that fills the memory, and call
     ``update_memory(embeddings.detach(), labels)`` after each optimiser step.
+
+    Where b settles (all else fixed, ``dL/db = 0``)::
+
+        E[sigma(s*(t + m - cos_pos))] = lambda * agg_{c != y} E[sigma(s*(cos_neg,c - t))]
+
+    a soft false-reject rate at ``t + m`` against a soft false-accept rate at ``t``.
+
+    - ``negatives="sum"`` (default, the paper's form; with ``negative_weight=1`` the
+      behaviour is exactly the paper's): ``agg`` sums over the C-1 other classes, so the
+      per-class false-accept rate is driven to about 1/(C-1), an identification
+      criterion that gets stricter with more training classes
+      (``shared/notes/uss-threshold.md``).
+    - ``negatives="mean"`` (verification variant): the negative term is averaged over
+      the other classes present in memory, so the right side is ``lambda`` times a soft
+      *per-pair* false-accept rate: b balances a soft FRR at ``t + m`` with ``lambda``
+      times a soft FAR at ``t``, independent of the number of classes. ``lambda``
+      (``negative_weight``) moves the operating point toward a target false-accept
+      rate: ``lambda > 1`` makes t stricter (lower FAR, higher FRR), ``lambda < 1``
+      looser. ``mean`` with ``lambda = C - 1`` equals ``sum`` when every class is in
+      memory. Choose ``lambda`` on training identities only (``facegate calibrate
+      --target-far``, ``train.calibrate.negative_weight_for_far``).
     """
 
     def __init__(
-        self, num_classes: int, embedding_size: int, s: float = 64.0, m: float = 0.1
+        self,
+        num_classes: int,
+        embedding_size: int,
+        s: float = 64.0,
+        m: float = 0.1,
+        negatives: str = "sum",
+        negative_weight: float = 1.0,
     ) -> None:
-        super().__init__(num_classes, embedding_size, s, m, bias_shape=())
+        super().__init__(
+            num_classes, embedding_size, s, m, bias_shape=(),
+            negatives=negatives, negative_weight=negative_weight,
+        )
 
     @property
     def threshold(self) -> float:
