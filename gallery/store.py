@@ -8,6 +8,11 @@ transaction has committed, so an acknowledged enrolment survives a crash or kill
 Concurrency: one writer at a time (a lock around every write transaction and the
 index update that follows it) and many readers (each thread reads SQLite through its
 own connection, WAL gives it a consistent snapshot; the index has its own RW lock).
+
+Kept crops (``keep_crops=True``) are stored with the geometry they were made in (the
+gallery's ``geometry``, the bundle's); :meth:`Gallery.reembed` re-embeds only those that
+fit the current model's geometry. Schema 1 files (before crops recorded it) are
+migrated in place at open: their crops were all ArcFace-template 112x112 crops.
 """
 
 from __future__ import annotations
@@ -24,11 +29,12 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+from facegate.core.align import ARCFACE_112, Geometry, as_geometry
 from facegate.core.errors import DuplicateIdentity, ModelMismatch, UnknownIdentity, UnknownTemplate
 from facegate.gallery.index import TemplateIndex
 from tqdm import tqdm
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: templates.crop_geometry
 NORM_TOLERANCE = 1e-3
 REEMBED_BATCH = 64
 
@@ -53,7 +59,8 @@ CREATE TABLE IF NOT EXISTS templates (
     created_at REAL NOT NULL,
     source TEXT,
     score REAL,
-    crop BLOB
+    crop BLOB,
+    crop_geometry TEXT
 );
 CREATE INDEX IF NOT EXISTS templates_by_identity ON templates(identity_id);
 CREATE INDEX IF NOT EXISTS templates_by_model ON templates(model_id);
@@ -67,6 +74,68 @@ CREATE TABLE IF NOT EXISTS decisions (
 );
 CREATE INDEX IF NOT EXISTS decisions_by_identity ON decisions(identity_id, row_id);
 """
+
+
+@dataclass(frozen=True)
+class ReembedReport:
+    """What :meth:`Gallery.reembed` did, or (:meth:`Gallery.reembed_status`) can do.
+
+    Counts are of templates of another model than ``model_id`` ("stale" ones), except
+    ``reembedded`` (done by this call) and the identity counts.
+    """
+
+    model_id: str
+    geometry: Geometry  # the crops the current model takes
+    reembedded: int  # templates re-embedded by this call (0 for reembed_status)
+    reembeddable: int  # stale templates whose kept crop is in `geometry` (left to re-embed)
+    other_geometry: dict[str, int]  # stale templates whose kept crop is in another geometry
+    without_crop: int  # stale templates without a kept crop
+    stale_identities: int  # identities that still hold stale templates
+    blocked_identities: int  # identities holding a stale template that cannot be re-embedded
+
+    @property
+    def refused(self) -> int:
+        """Kept crops refused because they are not in the current model's geometry."""
+        return sum(self.other_geometry.values())
+
+    @property
+    def blocked(self) -> int:
+        """Stale templates re-embedding cannot fix (other geometry or no crop)."""
+        return self.refused + self.without_crop
+
+    @property
+    def stale(self) -> int:
+        return self.reembeddable + self.blocked
+
+    def describe(self) -> str:
+        """What was done and, for what is left, what to do: plain sentences, one per line."""
+        lines = []
+        if self.reembedded:
+            lines.append(
+                f"re-embedded {self.reembedded} templates with model {self.model_id} "
+                f"({self.geometry} crops)"
+            )
+        if self.reembeddable:
+            lines.append(
+                f"{self.reembeddable} templates have kept {self.geometry} crops and can be "
+                "re-embedded (`facegate gallery reembed`)"
+            )
+        if self.refused:
+            kinds = ", ".join(f"{n} {g}" for g, n in sorted(self.other_geometry.items()))
+            lines.append(
+                f"refused {self.refused} kept crops of another geometry ({kinds}): model "
+                f"{self.model_id} takes {self.geometry} crops, which cannot be made from them"
+            )
+        if self.without_crop:
+            lines.append(f"{self.without_crop} templates have no kept crop")
+        if self.blocked:
+            lines.append(
+                f"re-enrol {self.blocked_identities} identities ({self.blocked} templates) from "
+                "their photos (delete them and enrol again), or start with a fresh gallery file"
+            )
+        if not self.stale:
+            lines.append(f"every template is of model {self.model_id}")
+        return "\n".join(lines)
 
 
 @dataclass(frozen=True)
@@ -110,13 +179,19 @@ class Gallery:
         embedding_size: int,
         index: str = "flat",
         keep_crops: bool = False,
+        geometry: Geometry | dict | None = None,
         gpu: bool | None = None,
         decisions_per_identity: int = 200,
     ) -> None:
+        """``geometry``: the model's crop geometry (``Bundle.geometry``; default ArcFace
+        112x112, as for a bundle without one): kept crops must be in it, and
+        :meth:`reembed` re-embeds only kept crops made in it."""
         self.path = Path(path)
         self.model_id = model_id
         self.embedding_size = embedding_size
         self.keep_crops = keep_crops
+        self.geometry = as_geometry(geometry, ARCFACE_112)
+        self._geometry_key = _geometry_key(self.geometry)
         self.decisions_per_identity = decisions_per_identity
         self._write_lock = threading.Lock()
         self._local = threading.local()
@@ -130,6 +205,7 @@ class Gallery:
                 "INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?)",
                 (str(SCHEMA_VERSION),),
             )
+            _migrate(db, self.path)
             db.execute(
                 "INSERT OR REPLACE INTO meta(key, value) VALUES ('model_id', ?)", (model_id,)
             )
@@ -138,6 +214,7 @@ class Gallery:
         self._names: dict[str, str | None] = {}
         self._stale_templates = 0
         self._stale_identities = 0
+        self._stale_reembeddable = 0
         self._reload()
 
     # -- writes -------------------------------------------------------------------------
@@ -243,18 +320,21 @@ class Gallery:
                     (identity_id, identity_id, self.decisions_per_identity),
                 )
 
-    def reembed(self, embed_fn: Callable[[np.ndarray], np.ndarray]) -> int:
-        """Re-embed the kept crops of other-model templates with `embed_fn`; returns how many.
+    def reembed(self, embed_fn: Callable[[np.ndarray], np.ndarray]) -> ReembedReport:
+        """Re-embed the kept crops of other-model templates with `embed_fn`; report what was done.
 
-        `embed_fn` takes (N, 112, 112, 3) uint8 RGB crops and returns (N, D) L2-normalised
-        embeddings of the current model. Templates of another model without a kept crop
-        stay stale (search keeps raising ModelMismatch until they are re-enrolled).
+        `embed_fn` takes (N, S, S, 3) uint8 RGB crops in the gallery's ``geometry`` and
+        returns (N, D) L2-normalised embeddings of the current model. Only crops kept in
+        that geometry are re-embedded; crops of another geometry (e.g. ArcFace 112 crops
+        for a dlib-chip model) are refused, and they and templates without a kept crop
+        stay stale (search keeps raising ModelMismatch until they are re-enrolled or
+        deleted); the report counts them and :meth:`ReembedReport.describe` says so.
         """
         with self._write_lock:
             rows = self._writer.execute(
                 "SELECT row_id, crop FROM templates WHERE model_id != ? AND crop IS NOT NULL"
-                " ORDER BY row_id",
-                (self.model_id,),
+                " AND crop_geometry = ? ORDER BY row_id",
+                (self.model_id, self._geometry_key),
             ).fetchall()
             try:
                 for start in tqdm(
@@ -281,7 +361,11 @@ class Gallery:
             finally:
                 if rows:
                     self._reload()
-        return len(rows)
+            return self._reembed_report(self._writer, len(rows))
+
+    def reembed_status(self) -> ReembedReport:
+        """What :meth:`reembed` can do now (``reembedded`` = 0); changes nothing."""
+        return self._reembed_report(self._reader(), 0)
 
     # -- reads --------------------------------------------------------------------------
 
@@ -309,11 +393,7 @@ class Gallery:
     def search(self, query: np.ndarray, k: int = 5) -> list[Candidate]:
         """The `k` identities whose best template is most similar to `query`, best first."""
         if self._stale_templates:
-            raise ModelMismatch(
-                f"{self._stale_identities} identities ({self._stale_templates} templates) were "
-                f"enrolled with another model than {self.model_id!r}; re-enrol, re-embed or "
-                "delete them"
-            )
+            raise ModelMismatch(self._mismatch_message())
         query = np.asarray(query, dtype=np.float32).reshape(1, -1)
         if query.shape[1] != self.embedding_size:
             raise ValueError(f"query has {query.shape[1]} dims, expected {self.embedding_size}")
@@ -459,8 +539,9 @@ class Gallery:
         sources = _per_row(sources, n, "sources")
         scores = _per_row(scores, n, "scores")
         kept_crops = _per_row(crops, n, "crops") if self.keep_crops else [None] * n
+        kept = [None if c is None else _encode_png(c, self.geometry) for c in kept_crops]
         out: list[tuple[int, Template]] = []
-        for vector, source, score, crop in zip(vectors, sources, scores, kept_crops, strict=True):
+        for vector, source, score, crop in zip(vectors, sources, scores, kept, strict=True):
             template = Template(
                 uuid.uuid4().hex,
                 identity_id,
@@ -470,7 +551,8 @@ class Gallery:
             )
             cursor = db.execute(
                 "INSERT INTO templates(template_id, identity_id, model_id, dim, embedding,"
-                " created_at, source, score, crop) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " created_at, source, score, crop, crop_geometry)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     template.template_id,
                     identity_id,
@@ -480,7 +562,8 @@ class Gallery:
                     template.created_at,
                     source,
                     template.score,
-                    None if crop is None else _encode_png(crop),
+                    crop,
+                    None if crop is None else self._geometry_key,
                 ),
             )
             if cursor.lastrowid is None:
@@ -524,10 +607,68 @@ class Gallery:
         )
 
     def _count_stale(self, db: sqlite3.Connection) -> None:
-        self._stale_templates, self._stale_identities = db.execute(
-            "SELECT COUNT(*), COUNT(DISTINCT identity_id) FROM templates WHERE model_id != ?",
-            (self.model_id,),
+        self._stale_templates, self._stale_identities, self._stale_reembeddable = db.execute(
+            "SELECT COUNT(*), COUNT(DISTINCT identity_id),"
+            " COALESCE(SUM(crop IS NOT NULL AND crop_geometry = ?), 0)"
+            " FROM templates WHERE model_id != ?",
+            (self._geometry_key, self.model_id),
         ).fetchone()
+
+    def _mismatch_message(self) -> str:
+        """ModelMismatch's message: what is stale, then the way forward in one sentence."""
+        stale = (
+            f"{self._stale_identities} identities ({self._stale_templates} templates) were "
+            f"enrolled with another model than {self.model_id!r}"
+        )
+        command = "`facegate gallery reembed --bundle BUNDLE --gallery GALLERY`"
+        fresh = "or start with a fresh gallery file"
+        if self._stale_reembeddable == self._stale_templates:
+            return (
+                f"{stale}; their kept crops fit this model: stop the server and run {command} "
+                "with its bundle and gallery file to re-embed them"
+            )
+        if self._stale_reembeddable:
+            return (
+                f"{stale}; stop the server and run {command} to re-embed the "
+                f"{self._stale_reembeddable} whose kept crops fit this model, then re-enrol "
+                f"the others from their photos, {fresh}"
+            )
+        return (
+            f"{stale}; they have no kept crops this model can use ({self.geometry}), so "
+            f"re-enrol them from their photos (delete and enrol again), {fresh}"
+        )
+
+    def _reembed_report(self, db: sqlite3.Connection, reembedded: int) -> ReembedReport:
+        reembeddable = without_crop = 0
+        other: dict[str, int] = {}
+        for has_crop, key, count in db.execute(
+            "SELECT crop IS NOT NULL, crop_geometry, COUNT(*) FROM templates"
+            " WHERE model_id != ? GROUP BY 1, 2",
+            (self.model_id,),
+        ):
+            if not has_crop:
+                without_crop += count
+            elif key == self._geometry_key:
+                reembeddable += count
+            else:
+                label = _geometry_label(key)
+                other[label] = other.get(label, 0) + count
+        stale_identities, blocked_identities = db.execute(
+            "SELECT COUNT(DISTINCT identity_id), COUNT(DISTINCT CASE WHEN crop IS NULL"
+            " OR crop_geometry IS NULL OR crop_geometry != ? THEN identity_id END)"
+            " FROM templates WHERE model_id != ?",
+            (self._geometry_key, self.model_id),
+        ).fetchone()
+        return ReembedReport(
+            self.model_id,
+            self.geometry,
+            reembedded,
+            reembeddable,
+            other,
+            without_crop,
+            stale_identities,
+            blocked_identities,
+        )
 
     def _require_identity(self, db: sqlite3.Connection, identity_id: str) -> None:
         if (
@@ -571,8 +712,60 @@ def _per_row(values: Sequence | np.ndarray | None, n: int, what: str) -> list:
     return values
 
 
-def _encode_png(crop: np.ndarray) -> bytes:
+def _geometry_key(geometry: Geometry) -> str:
+    """How a kept crop's geometry is stored: its manifest form as canonical JSON."""
+    return json.dumps(geometry.to_dict(), sort_keys=True, separators=(",", ":"))
+
+
+def _geometry_label(key: str | None) -> str:
+    if key is None:
+        return "unknown geometry"
+    try:
+        return str(Geometry.from_dict(json.loads(key)))
+    except ValueError:  # json.JSONDecodeError is a ValueError
+        return key
+
+
+# A schema 1 crop's PNG header (IHDR width, height: bytes 16..23) when it is 112x112.
+_PNG_112 = (112).to_bytes(4, "big") * 2
+
+
+def _migrate(db: sqlite3.Connection, path: Path) -> None:
+    """Bring a file of an older schema up to SCHEMA_VERSION, inside the open transaction.
+
+    1 -> 2: add ``templates.crop_geometry``. Schema 1 galleries predate bundle
+    geometries: every crop they kept was an ArcFace-template 112x112 crop, so a kept
+    112x112 PNG gets that geometry; any other kept crop stays NULL (unknown, never
+    re-embedded). Runs under the write lock of BEGIN IMMEDIATE, so two processes
+    opening one old file migrate it once.
+    """
+    (version,) = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+    if int(version) > SCHEMA_VERSION:
+        raise RuntimeError(
+            f"{path}: gallery schema {version} is newer than this facegate's "
+            f"({SCHEMA_VERSION}); upgrade facegate"
+        )
+    columns = {row[1] for row in db.execute("PRAGMA table_info(templates)")}
+    if "crop_geometry" not in columns:
+        db.execute("ALTER TABLE templates ADD COLUMN crop_geometry TEXT")
+        db.execute(
+            "UPDATE templates SET crop_geometry = ? WHERE crop IS NOT NULL"
+            " AND substr(crop, 17, 8) = ?",
+            (_geometry_key(ARCFACE_112), _PNG_112),
+        )
+    if int(version) < SCHEMA_VERSION:
+        db.execute(
+            "UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),)
+        )
+
+
+def _encode_png(crop: np.ndarray, geometry: Geometry) -> bytes:
     crop = np.asarray(crop, dtype=np.uint8)
+    if crop.shape != (geometry.size, geometry.size, 3):
+        raise ValueError(
+            f"a kept crop must be ({geometry.size}, {geometry.size}, 3) RGB ({geometry}), "
+            f"got {crop.shape}"
+        )
     ok, buf = cv2.imencode(".png", cv2.cvtColor(crop, cv2.COLOR_RGB2BGR))
     if not ok:
         raise ValueError(f"cannot encode crop of shape {crop.shape} as PNG")

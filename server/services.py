@@ -16,9 +16,11 @@ from typing import Any, TypeVar
 
 import faiss
 import numpy as np
+from facegate.core.align import Geometry
 from facegate.core.bundle import Bundle, load_bundle
 from facegate.core.detect import create_detector
 from facegate.core.embed import Embedder, create_embedder
+from facegate.core.face import landmarks_for
 from facegate.gallery import Gallery
 from facegate.server.batching import MicroBatcher
 from facegate.server.metrics import ServerMetrics
@@ -87,10 +89,11 @@ class Services:
         return stats
 
 
-def _detector_factory(settings: Settings) -> Callable[[], Any]:
+def _detector_factory(settings: Settings, geometry: Geometry) -> Callable[[], Any]:
     if settings.detector == "scrfd":
         return lambda: create_detector("scrfd", path=settings.detector_model)
-    return lambda: create_detector("dlib", upsample=settings.detector_upsample)
+    landmarks = landmarks_for(geometry, settings.detector_landmarks)
+    return lambda: create_detector("dlib", upsample=settings.detector_upsample, landmarks=landmarks)
 
 
 async def start_services(settings: Settings, metrics: ServerMetrics) -> Services:
@@ -101,7 +104,8 @@ async def start_services(settings: Settings, metrics: ServerMetrics) -> Services
         None, lambda: create_embedder(bundle, runtime=settings.runtime, flip=settings.flip)
     )
     pipeline = FacePipeline(
-        _detector_factory(settings),
+        _detector_factory(settings, bundle.geometry),
+        geometry=bundle.geometry,
         policy=settings.face_policy,
         max_bytes=settings.max_image_bytes,
         max_pixels=settings.max_image_pixels,
@@ -116,7 +120,8 @@ async def start_services(settings: Settings, metrics: ServerMetrics) -> Services
         on_batch=metrics.batch_size.observe,
     )
     await batcher.start()
-    await batcher.embed(np.zeros((1, 112, 112, 3), np.uint8))  # warm the runtime
+    size = bundle.geometry.size
+    await batcher.embed(np.zeros((1, size, size, 3), np.uint8))  # warm the runtime
     settings.gallery.parent.mkdir(parents=True, exist_ok=True)
     faiss.omp_set_num_threads(settings.faiss_threads)
     gallery = GalleryWorker(
@@ -126,6 +131,7 @@ async def start_services(settings: Settings, metrics: ServerMetrics) -> Services
             embedding_size=bundle.embedding_size,
             index=settings.index,
             keep_crops=settings.keep_crops,
+            geometry=bundle.geometry,
         )
     )
     await gallery.open()

@@ -167,18 +167,21 @@ def test_typed_errors_and_model_mismatch(tmp_path):
 
     gallery = Gallery(path, model_id="new", embedding_size=DIM)
     assert gallery.stats()["stale_templates"] == 4
-    with pytest.raises(ModelMismatch, match="2 identities"):
+    with pytest.raises(ModelMismatch, match="2 identities") as mismatch:
         gallery.search(templates[0, 0])
+    assert "facegate gallery reembed" in str(mismatch.value) and "re-enrol" in str(mismatch.value)
     seen: list[np.ndarray] = []
 
     def embed(batch: np.ndarray) -> np.ndarray:
         seen.append(batch)
         return templates[2][: len(batch)]
 
-    assert gallery.reembed(embed) == 2
+    report = gallery.reembed(embed)
+    assert (report.reembedded, report.without_crop, report.blocked_identities) == (2, 2, 1)
     np.testing.assert_array_equal(np.concatenate(seen), crops)  # the kept crops, PNG lossless
-    with pytest.raises(ModelMismatch, match="1 identities"):
+    with pytest.raises(ModelMismatch, match="1 identities") as mismatch:
         gallery.search(templates[0, 0])
+    assert "reembed" not in str(mismatch.value) and "re-enrol" in str(mismatch.value)
     gallery.delete_identity("b")
     assert gallery.search(templates[2, 0], k=1)[0].identity_id == "a"
     gallery.close()
@@ -191,7 +194,8 @@ def test_no_crops_stored_unless_kept(tmp_path):
     with Gallery(path, model_id="old", embedding_size=DIM) as gallery:
         gallery.create_identity("a", embeddings=unit(rng.normal(size=(1, DIM))), crops=crops)
     with Gallery(path, model_id="new", embedding_size=DIM, keep_crops=True) as gallery:
-        assert gallery.reembed(lambda batch: pytest.fail("no crop should have been kept")) == 0
+        report = gallery.reembed(lambda batch: pytest.fail("no crop should have been kept"))
+        assert (report.reembedded, report.without_crop) == (0, 1)
 
 
 def test_decisions_are_bounded(tmp_path):
