@@ -146,3 +146,18 @@ def test_embedder_part_measures_both_embedders(bench_env):
                for r in result["rows"])
     assert "pending: no GPU" in embedder.markdown(result)
     assert training.SIZES["full"]["batch"] == 32
+
+
+def test_dlib_chip_part_times_dlib_and_the_port_on_the_same_chips(bench_env):
+    from bench import dlib_chip
+
+    result = dlib_chip.run(dlib_chip.SIZES["smoke"], bench_env)
+    assert result["model"]["geometry"].startswith("dlib_chip 150x150")
+    assert "exported" in result["model"]["source"]  # models/default is an ArcFace-template bundle
+    assert result["rounds"] == 2 and result["chips"] == 2
+    for name in dlib_chip.SYSTEMS:
+        assert result["systems"][name]["wall"]["n"] == 2 and result["systems"][name]["wall"]["p50_ms"] > 0
+    assert result["agreement"]["min_cosine"] > 0.999  # the port is dlib's network
+    assert all(math.isfinite(q["p50"]) for q in result["ratios"].values())
+    text = dlib_chip.markdown(result)
+    assert "compute_face_descriptor" in text and "flip (server default)" in text
