@@ -1,9 +1,9 @@
 """Moving a gallery to a new model: kept crops' geometry, `facegate gallery reembed`, the 409.
 
 Real SQLite files, real photos enrolled through the real server, real ONNX embedders:
-the "old" model is the default bundle under another version (same network and
-geometry, so its templates must come back identical after re-embedding), the
-"dlib-chip" model is a small real ONNX graph on 150x150 dlib chips.
+the "old" model is the default bundle (dlib chips) under another version (same network
+and geometry, so its templates must come back identical after re-embedding), the
+"other" model is a small real ONNX graph on 112x112 ArcFace-template crops.
 """
 
 from __future__ import annotations
@@ -61,9 +61,9 @@ def old_bundle(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def dlib_bundle(tmp_path_factory) -> Path:
-    """A real ONNX embedder on 150x150 dlib chips: (N, 3, 150, 150) -> mean pool -> MatMul."""
-    root = tmp_path_factory.mktemp("dlib-bundle")
+def other_bundle(tmp_path_factory) -> Path:
+    """A real ONNX embedder on 112x112 ArcFace crops: (N, 3, 112, 112) -> mean pool -> MatMul."""
+    root = tmp_path_factory.mktemp("other-bundle")
     weight = np.random.default_rng(0).standard_normal((3, 16)).astype(np.float32)
     graph = helper.make_graph(
         [
@@ -72,7 +72,7 @@ def dlib_bundle(tmp_path_factory) -> Path:
             helper.make_node("MatMul", ["flat", "weight"], ["embedding"]),
         ],
         "chip",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 150, 150])],
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 112, 112])],
         [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["N", 16])],
         [numpy_helper.from_array(weight, "weight")],
     )
@@ -81,7 +81,7 @@ def dlib_bundle(tmp_path_factory) -> Path:
     write_bundle(
         root / "bundle", onnx_file=root / "chip.onnx", name="chip", version="1",
         embedding_size=16, threshold=0.5, threshold_source="manual",
-        threshold_provenance="a test model", geometry=DLIB_CHIP_150,
+        threshold_provenance="a test model", geometry=ARCFACE_112,
     )
     return root / "bundle"
 
@@ -127,7 +127,7 @@ def test_reembed_matching_geometry_and_the_server_serves_again(
     assert len(before) == 2 * PEOPLE
     old_id, new_id = load_bundle(old_bundle).model_id, load_bundle(default_bundle()).model_id
     assert {m for m, *_ in before} == {old_id}
-    assert {g for *_, g in before} == {json.dumps(ARCFACE_112.to_dict(), sort_keys=True, separators=(",", ":"))}
+    assert {g for *_, g in before} == {json.dumps(DLIB_CHIP_150.to_dict(), sort_keys=True, separators=(",", ":"))}
 
     who, images = next(iter(photos.items()))
     settings = Settings(bundle=default_bundle(), gallery=gallery, cpu_workers=2)
@@ -164,19 +164,19 @@ def test_reembed_matching_geometry_and_the_server_serves_again(
     assert "nothing to do" in capsys.readouterr().out
 
 
-def test_other_geometry_is_refused_with_what_to_do(old_gallery, dlib_bundle, tmp_path, capsys):
+def test_other_geometry_is_refused_with_what_to_do(old_gallery, other_bundle, tmp_path, capsys):
     gallery = copy_gallery(old_gallery, tmp_path)
     before = templates(gallery)
-    assert reembed("--bundle", str(dlib_bundle), "--gallery", str(gallery)) == 1
+    assert reembed("--bundle", str(other_bundle), "--gallery", str(gallery)) == 1
     captured = capsys.readouterr()
-    assert f"refused {2 * PEOPLE} kept crops of another geometry ({2 * PEOPLE} arcface_template 112x112)" in captured.out
+    assert f"refused {2 * PEOPLE} kept crops of another geometry ({2 * PEOPLE} dlib_chip 150x150 padding 0.25)" in captured.out
     assert f"re-enrol {PEOPLE} identities ({2 * PEOPLE} templates) from their photos" in captured.out
     assert "nothing can be re-embedded" in captured.err
     assert [(i, e, g) for _, i, e, g in templates(gallery)] == [(i, e, g) for _, i, e, g in before]
 
-    bundle = load_bundle(dlib_bundle)
+    bundle = load_bundle(other_bundle)
     with Gallery(gallery, model_id=bundle.model_id, embedding_size=16, geometry=bundle.geometry) as g:
-        report = g.reembed(lambda batch: pytest.fail("a 112 ArcFace crop reached a dlib-chip model"))
+        report = g.reembed(lambda batch: pytest.fail("a dlib chip reached an ArcFace-template model"))
         assert (report.reembedded, report.refused, report.blocked_identities) == (0, 2 * PEOPLE, PEOPLE)
         with pytest.raises(ModelMismatch) as mismatch:
             g.search(np.eye(16, dtype=np.float32)[0])
@@ -186,10 +186,10 @@ def test_other_geometry_is_refused_with_what_to_do(old_gallery, dlib_bundle, tmp
     # A kept crop must be in the gallery's geometry.
     with Gallery(
         tmp_path / "new.sqlite", model_id="m", embedding_size=16, keep_crops=True,
-        geometry=DLIB_CHIP_150,
-    ) as g, pytest.raises(ValueError, match="dlib_chip 150x150"):
+        geometry=ARCFACE_112,
+    ) as g, pytest.raises(ValueError, match="arcface_template 112x112"):
         g.create_identity(
-            "x", embeddings=np.eye(16, dtype=np.float32)[:1], crops=np.zeros((1, 112, 112, 3), np.uint8)
+            "x", embeddings=np.eye(16, dtype=np.float32)[:1], crops=np.zeros((1, 150, 150, 3), np.uint8)
         )
 
 
@@ -197,10 +197,11 @@ def test_partial_reembed_exits_1_and_names_who_to_re_enrol(old_gallery, old_bund
     gallery = copy_gallery(old_gallery, tmp_path)
     old = load_bundle(old_bundle)
     vector = np.frombuffer(templates(gallery)[0][2], np.float32)[None]
-    with Gallery(gallery, model_id=old.model_id, embedding_size=old.embedding_size) as g:
+    with Gallery(gallery, model_id=old.model_id, embedding_size=old.embedding_size,
+                 geometry=old.geometry) as g:
         g.create_identity("no-crop", embeddings=vector)  # keep_crops off: nothing to re-embed from
     with Gallery(gallery, model_id=load_bundle(default_bundle()).model_id,
-                 embedding_size=old.embedding_size) as g:
+                 embedding_size=old.embedding_size, geometry=old.geometry) as g:
         with pytest.raises(ModelMismatch, match=f"re-embed the {2 * PEOPLE} whose kept crops fit"):
             g.search(vector[0])
     assert reembed("--bundle", str(default_bundle()), "--gallery", str(gallery), "--dry-run") == 1
