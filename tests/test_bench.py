@@ -153,7 +153,7 @@ def test_dlib_chip_part_times_dlib_and_the_port_on_the_same_chips(bench_env):
 
     result = dlib_chip.run(dlib_chip.SIZES["smoke"], bench_env)
     assert result["model"]["geometry"].startswith("dlib_chip 150x150")
-    assert "exported" in result["model"]["source"]  # models/default is an ArcFace-template bundle
+    assert "models/default" in result["model"]["source"]  # the default is the dlib-chip port
     assert result["rounds"] == 2 and result["chips"] == 2
     for name in dlib_chip.SYSTEMS:
         assert result["systems"][name]["wall"]["n"] == 2 and result["systems"][name]["wall"]["p50_ms"] > 0
