@@ -169,9 +169,15 @@ def test_cli_dry_run_writes_nothing_and_bad_requests_fail(embedded, celeba_root,
     assert main(["calibrate", str(bundle_dir), "--embeddings", str(npz), "--dry-run"]) == 0
     assert (bundle_dir / MANIFEST_NAME).read_bytes() == manifest
     capsys.readouterr()
-    # Photos (not crops) are refused with a pointer to `facegate prepare`.
-    assert main(["calibrate", str(bundle_dir), str(celeba_root / "images"), "--quiet"]) == 2
-    assert "facegate prepare" in capsys.readouterr().err
+    # Photos (not crops) go through the server's prepare_face path: 3 people x 3 photos.
+    photos = tmp_path / "photos"
+    for folder in sorted((celeba_root / "images").iterdir())[:3]:
+        (photos / folder.name).mkdir(parents=True)
+        for path in sorted(folder.glob("*.jpg"))[:3]:
+            (photos / folder.name / path.name).symlink_to(path)
+    assert main(["calibrate", str(bundle_dir), str(photos), "--quiet", "--dry-run"]) == 0
+    assert (bundle_dir / MANIFEST_NAME).read_bytes() == manifest
+    capsys.readouterr()
     assert main(["calibrate", str(bundle_dir), "--embeddings", str(npz), "--form", "paper",
                  "--target-far", "0.01"]) == 2
     assert main(["calibrate", str(bundle_dir)]) == 2
