@@ -17,8 +17,8 @@ import cv2
 from facegate.core.detect import DlibDetector
 from facegate.core.errors import FacegateError
 from facegate.core.face import (
-    LANDMARK_CHOICES,
     add_geometry_arguments,
+    add_landmark_argument,
     geometry_from_args,
     landmarks_for,
     prepare_face,
@@ -35,13 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="largest face, or fail unless exactly one face is found",
     )
     parser.add_argument("--upsample", type=int, default=1, help="dlib upsampling passes")
-    parser.add_argument(
-        "--landmarks",
-        choices=LANDMARK_CHOICES,
-        default="auto",
-        help="dlib shape predictor: 5-point (public domain) or 68-point (iBUG 300-W: "
-        "non-commercial); auto: 5 for dlib chips, 68 for the ArcFace template",
-    )
+    add_landmark_argument(parser)
     add_geometry_arguments(parser)
 
 

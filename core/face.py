@@ -130,6 +130,18 @@ def prepare_face(
     )
 
 
+def add_landmark_argument(parser: argparse.ArgumentParser) -> None:
+    """``--landmarks``: the shape predictor to crop with (``landmarks_for`` resolves "auto")."""
+    parser.add_argument(
+        "--landmarks",
+        choices=LANDMARK_CHOICES,
+        default="auto",
+        help="dlib shape predictor: 5-point (public domain) or 68-point (trained on iBUG 300-W: "
+        "non-commercial licence); auto (the server's default): 5 for dlib chips, 68 for the "
+        "ArcFace template",
+    )
+
+
 def add_geometry_arguments(parser: argparse.ArgumentParser, default: Geometry = DLIB_CHIP_150) -> None:
     """``--bundle`` (take the geometry from a bundle's manifest) or ``--geometry/--size/--padding``."""
     group = parser.add_argument_group(f"crop geometry (default: {default})")

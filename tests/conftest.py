@@ -6,6 +6,7 @@ import csv
 import importlib.util
 from pathlib import Path
 
+import faiss
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,3 +58,12 @@ def insightface_group_photo() -> Path:
     matches = sorted(root.glob("data/images/t1.*"))
     assert matches, f"t1 photo not found under {root}"
     return matches[0]
+
+
+@pytest.fixture
+def single_threaded_faiss():
+    """One OpenMP thread: single-query searches on a shared 2-core box are far faster."""
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(before)

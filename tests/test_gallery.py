@@ -10,22 +10,13 @@ import threading
 import time
 from pathlib import Path
 
-import faiss
 import numpy as np
 import pytest
 from facegate.core.errors import DuplicateIdentity, ModelMismatch, UnknownIdentity, UnknownTemplate
 from facegate.gallery import Candidate, Gallery
 
 DIM = 32
-
-
-@pytest.fixture(autouse=True)
-def single_threaded_faiss():
-    """One OpenMP thread: single-query searches on a shared 2-core box are far faster."""
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_threaded_faiss")
 
 
 def unit(x: np.ndarray) -> np.ndarray:

@@ -14,7 +14,6 @@ import sqlite3
 from pathlib import Path
 
 import cv2
-import faiss
 import numpy as np
 import onnx
 import pytest
@@ -31,14 +30,7 @@ from server_support import default_bundle, people
 from facegate.cli import main
 
 PEOPLE = 3
-
-
-@pytest.fixture(autouse=True)
-def single_threaded_faiss():
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_threaded_faiss")
 
 
 @pytest.fixture(scope="module")

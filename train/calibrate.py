@@ -224,7 +224,7 @@ def expected_uss(
 ) -> USSTerms:
     """The expected USS loss at ``t = b / s`` on frozen embeddings, with dL/db and d2L/db2.
 
-    Embeddings are L2-normalised here (float64); every identity needs 2+ samples.
+    Embeddings are L2-normalised here (float64); identities with one sample are left out.
     """
     _check_options(s, m, negatives, negative_weight)
     return _terms(_prepare(embeddings, labels), t, s, m, negatives, negative_weight)

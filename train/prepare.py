@@ -44,8 +44,8 @@ from facegate.core.detect import dlib_model_file as find_dlib_model
 from facegate.core.errors import FacegateError
 from facegate.core.face import (
     GEOMETRY_FILE,
-    LANDMARK_CHOICES,
     add_geometry_arguments,
+    add_landmark_argument,
     geometry_from_args,
     landmarks_for,
     prepare_face,
@@ -395,14 +395,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes (default: all cores)")
     add_geometry_arguments(parser)
     parser.add_argument("--upsample", type=int, default=1, help="dlib HOG upsampling passes (server default 1)")
-    parser.add_argument(
-        "--landmarks",
-        choices=LANDMARK_CHOICES,
-        default="auto",
-        help="dlib shape predictor: 5-point (public domain) or 68-point (trained on iBUG 300-W: "
-        "non-commercial licence); auto (the server's default): 5 for dlib chips, 68 for the "
-        "ArcFace template",
-    )
+    add_landmark_argument(parser)
     parser.add_argument(
         "--cnn-fallback",
         action=argparse.BooleanOptionalAction,
