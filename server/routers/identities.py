@@ -1,0 +1,193 @@
+"""The gallery as a resource: enrol, add templates, list, get and delete identities."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from typing import Annotated, Any
+
+import numpy as np
+from facegate.core.errors import DuplicateIdentity, FacegateError
+from facegate.server import schemas
+from facegate.server.deps import ServicesDep, require_admin_key
+from facegate.server.errors import InvalidRequest, NoUsableImage
+from facegate.server.pipeline import PreparedFace
+from facegate.server.routers.common import identity_info, prepare_all, v1_router
+from facegate.server.services import Services
+from fastapi import Depends, File, Form, Query, UploadFile
+
+IDENTITY_ID_PATTERN = r"^[A-Za-z0-9._:\-]{1,128}$"
+
+router = v1_router("/identities", tags=["identities"])
+admin = [Depends(require_admin_key)]
+
+
+def _parse_metadata(metadata: str | None) -> dict[str, Any]:
+    if not metadata:
+        return {}
+    try:
+        value = json.loads(metadata)
+    except json.JSONDecodeError as exc:
+        raise InvalidRequest(f"metadata is not valid JSON: {exc.msg}") from None
+    if not isinstance(value, dict):
+        raise InvalidRequest("metadata must be a JSON object")
+    return value
+
+
+async def _read_uploads(images: Sequence[UploadFile]) -> list[tuple[str, bytes]]:
+    if not images:
+        raise InvalidRequest("at least one image is required")
+    return [(f"image {i} ({u.filename or 'unnamed'})", await u.read()) for i, u in enumerate(images)]
+
+
+async def _embed_accepted(
+    services: Services, images: Sequence[UploadFile], results: list[PreparedFace | FacegateError]
+) -> tuple[list[schemas.ImageResult], list[PreparedFace], np.ndarray]:
+    """Per-image outcome, the accepted faces and their embeddings; 422 if none is usable."""
+    accepted = [r for r in results if isinstance(r, PreparedFace)]
+    report = [
+        schemas.ImageResult(
+            index=i,
+            filename=upload.filename,
+            accepted=isinstance(result, PreparedFace),
+            face=result.face_dict() if isinstance(result, PreparedFace) else None,
+            reason=None
+            if isinstance(result, PreparedFace)
+            else schemas.ErrorDetail(code=result.code, message=result.message),
+        )
+        for i, (upload, result) in enumerate(zip(images, results, strict=True))
+    ]
+    if not accepted:
+        reasons = "; ".join(r.message for r in results if isinstance(r, FacegateError))
+        raise NoUsableImage(f"no usable image: {reasons}")
+    embeddings, _ = await services.embed(np.stack([p.crop for p in accepted]))
+    return report, accepted, embeddings
+
+
+def _attach_templates(report: list[schemas.ImageResult], template_ids: Sequence[str]) -> None:
+    ids = iter(template_ids)
+    for item in report:
+        if item.accepted:
+            item.template_id = next(ids)
+
+
+def _template_kwargs(
+    services: Services, images: Sequence[UploadFile], results: list, accepted: list[PreparedFace]
+) -> dict[str, Any]:
+    sources = [u.filename for u, r in zip(images, results, strict=True) if isinstance(r, PreparedFace)]
+    return {
+        "sources": sources,
+        "scores": [p.face.score for p in accepted],
+        "crops": np.stack([p.crop for p in accepted]) if services.settings.keep_crops else None,
+    }
+
+
+def _check_identity_id(identity_id: str | None) -> None:
+    if identity_id is not None and not re.match(IDENTITY_ID_PATTERN, identity_id):
+        raise InvalidRequest("identity_id must be 1-128 characters of A-Z a-z 0-9 . _ : -")
+
+
+def _exists(gallery: Any, identity_id: str) -> bool:
+    try:
+        gallery.get_identity(identity_id)
+    except FacegateError:
+        return False
+    return True
+
+
+@router.post(
+    "",
+    status_code=201,
+    response_model=schemas.EnrolResponse,
+    dependencies=admin,
+    summary="Enrol an identity from one or more photos",
+    responses={409: {"model": schemas.ErrorResponse, "description": "duplicate identity_id"}},
+)
+async def enrol(
+    services: ServicesDep,
+    name: Annotated[str, Form(min_length=1, max_length=256)],
+    images: Annotated[list[UploadFile], File(description="one or more photos")],
+    identity_id: Annotated[str | None, Form(description="chosen id; generated if absent")] = None,
+    metadata: Annotated[str | None, Form(description='JSON object, e.g. {"team": "a"}')] = None,
+) -> schemas.EnrolResponse:
+    """Each image is accepted (one template) or rejected with its reason; 422 if none is usable."""
+    _check_identity_id(identity_id)
+    meta = _parse_metadata(metadata)
+    if identity_id is not None and await services.gallery.call(lambda g: _exists(g, identity_id)):
+        raise DuplicateIdentity(f"identity {identity_id!r} already exists")
+    results = await prepare_all(services, await _read_uploads(images))
+    report, accepted, embeddings = await _embed_accepted(services, images, results)
+    kwargs = _template_kwargs(services, images, results, accepted)
+    identity = await services.gallery.call(
+        lambda g: g.create_identity(identity_id, name=name, metadata=meta, embeddings=embeddings, **kwargs)
+    )
+    _attach_templates(report, [t.template_id for t in identity.templates])
+    await services.refresh_gallery_size()
+    return schemas.EnrolResponse(identity=identity_info(identity), images=report)
+
+
+@router.post(
+    "/{identity_id}/templates",
+    status_code=201,
+    response_model=schemas.EnrolResponse,
+    dependencies=admin,
+    summary="Add photos to an enrolled identity",
+)
+async def add_templates(
+    services: ServicesDep,
+    identity_id: str,
+    images: Annotated[list[UploadFile], File(description="one or more photos")],
+) -> schemas.EnrolResponse:
+    await services.gallery.call(lambda g: g.get_identity(identity_id))  # 404 before work
+    results = await prepare_all(services, await _read_uploads(images))
+    report, accepted, embeddings = await _embed_accepted(services, images, results)
+    kwargs = _template_kwargs(services, images, results, accepted)
+    templates = await services.gallery.call(lambda g: g.add_templates(identity_id, embeddings, **kwargs))
+    _attach_templates(report, [t.template_id for t in templates])
+    identity = await services.gallery.call(lambda g: g.get_identity(identity_id))
+    await services.refresh_gallery_size()
+    return schemas.EnrolResponse(identity=identity_info(identity), images=report)
+
+
+@router.get("", response_model=schemas.IdentityList, summary="List enrolled identities (paginated)")
+async def list_identities(
+    services: ServicesDep,
+    offset: Annotated[int, Query(ge=0)] = 0,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 50,
+) -> schemas.IdentityList:
+    identities, total = await services.gallery.call(
+        lambda g: g.list_identities(offset=offset, limit=limit)
+    )
+    return schemas.IdentityList(
+        identities=[identity_info(i) for i in identities], total=total, offset=offset, limit=limit
+    )
+
+
+@router.get("/{identity_id}", response_model=schemas.IdentityInfo, summary="One identity and its templates")
+async def get_identity(services: ServicesDep, identity_id: str) -> schemas.IdentityInfo:
+    return identity_info(await services.gallery.call(lambda g: g.get_identity(identity_id)))
+
+
+@router.delete(
+    "/{identity_id}",
+    response_model=schemas.Deleted,
+    dependencies=admin,
+    summary="Delete an identity and all its templates",
+)
+async def delete_identity(services: ServicesDep, identity_id: str) -> schemas.Deleted:
+    await services.gallery.call(lambda g: g.delete_identity(identity_id))
+    await services.refresh_gallery_size()
+    return schemas.Deleted(identity_id=identity_id)
+
+
+@router.delete(
+    "/{identity_id}/templates/{template_id}",
+    response_model=schemas.Deleted,
+    dependencies=admin,
+    summary="Delete one template of an identity",
+)
+async def delete_template(services: ServicesDep, identity_id: str, template_id: str) -> schemas.Deleted:
+    await services.gallery.call(lambda g: g.delete_template(identity_id, template_id))
+    await services.refresh_gallery_size()
+    return schemas.Deleted(identity_id=identity_id, template_id=template_id)
