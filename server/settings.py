@@ -34,11 +34,29 @@ class Settings(BaseSettings):
         "68-point landmarks; see core.face.landmarks_for)",
     )
     face_policy: Literal["largest", "strict"] = Field(
-        "largest", description="largest face, or reject images with several faces"
+        "largest", description="verify and search: largest face, or reject images with several faces"
     )
+    enrol_face_policy: Literal["largest", "strict"] = Field(
+        "strict", description="enrolment: exactly one face per photo (strict), or the largest "
+        "(whose face gets enrolled from a group photo is otherwise a guess)",
+    )
+    max_images_per_request: int = Field(16, ge=1, description="photos per enrolment request")
+    max_metadata_bytes: int = Field(16_384, ge=2, description="identity metadata, as JSON")
+    max_metadata_depth: int = Field(8, ge=1, description="nesting of identity metadata")
     runtime: str = Field("auto", description="embedder runtime: auto|tensorrt|onnxruntime-cuda|onnxruntime-cpu")
     max_image_bytes: int = Field(10_000_000, gt=0)
-    max_image_pixels: int = Field(40_000_000, gt=0)
+    max_image_pixels: int = Field(40_000_000, gt=0, description="refused above (from the header)")
+    max_detect_pixels: int = Field(
+        4_000_000, gt=0, description="larger images are decoded at reduced scale (JPEG draft) "
+        "or downscaled before detection"
+    )
+    heavy_decode_slots: int = Field(
+        2, ge=1, description="images over max_detect_pixels decoded at once (bounds peak memory)"
+    )
+    header_timeout_s: float = Field(10.0, gt=0, description="close a connection whose request "
+                                    "headers take longer")
+    body_timeout_s: float = Field(30.0, gt=0, description="answer 408 when a request body "
+                                  "takes longer to arrive")
     max_request_bytes: int = Field(25_000_000, gt=0, description="whole request body limit")
     threshold: float | None = Field(
         None, gt=-1.0, lt=1.0,
