@@ -32,6 +32,12 @@ import numpy as np
 from facegate.core.align import ARCFACE_112, Geometry, as_geometry
 from facegate.core.errors import DuplicateIdentity, ModelMismatch, UnknownIdentity, UnknownTemplate
 from facegate.gallery.index import TemplateIndex
+from facegate.gallery.metadata import (
+    STORE_MAX_BYTES,
+    STORE_MAX_DEPTH,
+    check_metadata,
+    load_stored_metadata,
+)
 from tqdm import tqdm
 
 SCHEMA_VERSION = 2  # 2: templates.crop_geometry
@@ -230,7 +236,13 @@ class Gallery:
         scores: Sequence[float | None] | None = None,
         crops: np.ndarray | Sequence[np.ndarray] | None = None,
     ) -> Identity:
-        """Create an identity with its first templates in one transaction."""
+        """Create an identity with its first templates in one transaction.
+
+        ``metadata`` is checked first (MetadataError): the gallery never stores a value
+        it could not read back."""
+        metadata_text = check_metadata(
+            metadata or {}, max_bytes=STORE_MAX_BYTES, max_depth=STORE_MAX_DEPTH
+        )
         vectors = self._check_embeddings(embeddings)
         identity_id = identity_id or uuid.uuid4().hex
         created_at = time.time()
@@ -240,7 +252,7 @@ class Gallery:
                     db.execute(
                         "INSERT INTO identities(identity_id, name, metadata, created_at)"
                         " VALUES (?, ?, ?, ?)",
-                        (identity_id, name, json.dumps(metadata or {}), created_at),
+                        (identity_id, name, metadata_text, created_at),
                     )
                 except sqlite3.IntegrityError:
                     raise DuplicateIdentity(f"identity {identity_id!r} already exists") from None
@@ -386,7 +398,7 @@ class Gallery:
         rows = db.execute(
             "SELECT identity_id, name, metadata, created_at FROM identities"
             " ORDER BY created_at, identity_id LIMIT ? OFFSET ?",
-            (max(0, limit), max(0, offset)),
+            (max(0, limit), min(max(0, offset), 2**62)),
         ).fetchall()
         return self._identities(db, rows), total
 
@@ -693,7 +705,7 @@ class Gallery:
                     Template(template_id, identity_id, created_at, source, score)
                 )
         return [
-            Identity(i, name, json.loads(meta), created_at, tuple(templates[i]))
+            Identity(i, name, load_stored_metadata(meta), created_at, tuple(templates[i]))
             for i, name, meta, created_at in rows
         ]
 

@@ -48,6 +48,11 @@ class UnsupportedBody(FacegateError):
     status = 415
 
 
+class TooManyImages(FacegateError):
+    code = "too_many_images"
+    status = 422
+
+
 class NoUsableImage(FacegateError):
     code = "no_usable_image"
     status = 422
@@ -71,8 +76,19 @@ _HTTP_CODES = {
 }
 
 
+# Messages quote input (ids, file names, validation errors): a long input must not come
+# back as a long error body.
+MAX_MESSAGE_CHARS = 500
+
+
+def truncate_message(message: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    if len(message) <= limit:
+        return message
+    return f"{message[: limit - 30]}... ({len(message) - limit + 30} more characters)"
+
+
 def error_body(code: str, message: str) -> dict:
-    return {"error": {"code": code, "message": message}}
+    return {"error": {"code": code, "message": truncate_message(message)}}
 
 
 def error_response(status: int, code: str, message: str) -> JSONResponse:

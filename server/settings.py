@@ -41,8 +41,10 @@ class Settings(BaseSettings):
         "(whose face gets enrolled from a group photo is otherwise a guess)",
     )
     max_images_per_request: int = Field(16, ge=1, description="photos per enrolment request")
-    max_metadata_bytes: int = Field(16_384, ge=2, description="identity metadata, as JSON")
-    max_metadata_depth: int = Field(8, ge=1, description="nesting of identity metadata")
+    max_metadata_bytes: int = Field(
+        16_384, ge=2, le=1_048_576, description="identity metadata, as JSON"
+    )
+    max_metadata_depth: int = Field(8, ge=1, le=64, description="nesting of identity metadata")
     runtime: str = Field("auto", description="embedder runtime: auto|tensorrt|onnxruntime-cuda|onnxruntime-cpu")
     max_image_bytes: int = Field(10_000_000, gt=0)
     max_image_pixels: int = Field(40_000_000, gt=0, description="refused above (from the header)")

@@ -2,43 +2,56 @@
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Sequence
 from typing import Annotated, Any
 
 import numpy as np
-from facegate.core.errors import DuplicateIdentity, FacegateError
+from facegate.core.errors import DuplicateIdentity, FacegateError, MultipleFacesError
+from facegate.gallery.metadata import parse_metadata
 from facegate.server import schemas
 from facegate.server.deps import ServicesDep, require_admin_key
-from facegate.server.errors import InvalidRequest, NoUsableImage
+from facegate.server.errors import InvalidRequest, NoUsableImage, TooManyImages
 from facegate.server.pipeline import PreparedFace
 from facegate.server.routers.common import identity_info, prepare_all, v1_router
 from facegate.server.services import Services
 from fastapi import Depends, File, Form, Query, UploadFile
 
-IDENTITY_ID_PATTERN = r"^[A-Za-z0-9._:\-]{1,128}$"
+# "." and ".." are refused: clients normalise them out of URL paths, so they would be
+# enrolled yet unreachable.
+IDENTITY_ID_PATTERN = r"^(?!\.{1,2}$)[A-Za-z0-9._:\-]{1,128}$"
+# SQLite binds 64-bit integers; a page offset beyond any gallery is refused, not a 500.
+MAX_OFFSET = 2**31 - 1
 
 router = v1_router("/identities", tags=["identities"])
 admin = [Depends(require_admin_key)]
 
 
-def _parse_metadata(metadata: str | None) -> dict[str, Any]:
-    if not metadata:
-        return {}
-    try:
-        value = json.loads(metadata)
-    except json.JSONDecodeError as exc:
-        raise InvalidRequest(f"metadata is not valid JSON: {exc.msg}") from None
-    if not isinstance(value, dict):
-        raise InvalidRequest("metadata must be a JSON object")
-    return value
-
-
-async def _read_uploads(images: Sequence[UploadFile]) -> list[tuple[str, bytes]]:
+async def _read_uploads(
+    services: Services, images: Sequence[UploadFile]
+) -> list[tuple[str, bytes]]:
+    """The uploads' bytes, refused before any is read or decoded when there are too many."""
     if not images:
         raise InvalidRequest("at least one image is required")
+    limit = services.settings.max_images_per_request
+    if len(images) > limit:
+        raise TooManyImages(f"{len(images)} images in one request; the limit is {limit}")
     return [(f"image {i} ({u.filename or 'unnamed'})", await u.read()) for i, u in enumerate(images)]
+
+
+async def _prepare_uploads(
+    services: Services, images: Sequence[UploadFile]
+) -> list[PreparedFace | FacegateError]:
+    """Each upload's face by the enrolment policy (strict: exactly one face per photo)."""
+    policy = services.settings.enrol_face_policy
+    results = await prepare_all(services, await _read_uploads(services, images), policy=policy)
+    return [
+        type(r)(f"{r.message}; enrolment takes photos of one person (the server's "
+                "FACEGATE_ENROL_FACE_POLICY=largest would take the largest face)")
+        if isinstance(r, MultipleFacesError)
+        else r
+        for r in results
+    ]
 
 
 async def _embed_accepted(
@@ -85,7 +98,10 @@ def _template_kwargs(
 
 def _check_identity_id(identity_id: str | None) -> None:
     if identity_id is not None and not re.match(IDENTITY_ID_PATTERN, identity_id):
-        raise InvalidRequest("identity_id must be 1-128 characters of A-Z a-z 0-9 . _ : -")
+        raise InvalidRequest(
+            "identity_id must be 1-128 characters of A-Z a-z 0-9 . _ : - and not '.' or '..' "
+            "(which URL paths normalise away)"
+        )
 
 
 def _exists(gallery: Any, identity_id: str) -> bool:
@@ -113,10 +129,13 @@ async def enrol(
 ) -> schemas.EnrolResponse:
     """Each image is accepted (one template) or rejected with its reason; 422 if none is usable."""
     _check_identity_id(identity_id)
-    meta = _parse_metadata(metadata)
+    settings = services.settings
+    meta = parse_metadata(
+        metadata, max_bytes=settings.max_metadata_bytes, max_depth=settings.max_metadata_depth
+    )
     if identity_id is not None and await services.gallery.call(lambda g: _exists(g, identity_id)):
         raise DuplicateIdentity(f"identity {identity_id!r} already exists")
-    results = await prepare_all(services, await _read_uploads(images))
+    results = await _prepare_uploads(services, images)
     report, accepted, embeddings = await _embed_accepted(services, images, results)
     kwargs = _template_kwargs(services, images, results, accepted)
     identity = await services.gallery.call(
@@ -140,7 +159,7 @@ async def add_templates(
     images: Annotated[list[UploadFile], File(description="one or more photos")],
 ) -> schemas.EnrolResponse:
     await services.gallery.call(lambda g: g.get_identity(identity_id))  # 404 before work
-    results = await prepare_all(services, await _read_uploads(images))
+    results = await _prepare_uploads(services, images)
     report, accepted, embeddings = await _embed_accepted(services, images, results)
     kwargs = _template_kwargs(services, images, results, accepted)
     templates = await services.gallery.call(lambda g: g.add_templates(identity_id, embeddings, **kwargs))
@@ -153,7 +172,7 @@ async def add_templates(
 @router.get("", response_model=schemas.IdentityList, summary="List enrolled identities (paginated)")
 async def list_identities(
     services: ServicesDep,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 50,
 ) -> schemas.IdentityList:
     identities, total = await services.gallery.call(
