@@ -4,6 +4,10 @@ Its ``lifespan`` loads the bundle, detector, embedder and gallery once and close
 on shutdown. The routes live in ``server.routers`` (one module per resource) and stay
 thin: parsing and HTTP shape there, the work in `pipeline` (threads), `batching`
 (embedder) and the gallery.
+
+/docs (Swagger UI) and /redoc load their scripts from /static/docs, the copies that the
+``fastapi-offline`` package (MIT) ships: Swagger UI (Apache-2.0) and ReDoc (MIT). They
+work with no network, where FastAPI's defaults fetch them from a CDN.
 """
 
 from __future__ import annotations
@@ -15,12 +19,16 @@ from facegate.server import schemas
 from facegate.server.deps import get_services
 from facegate.server.errors import install_error_handlers
 from facegate.server.metrics import ServerMetrics
-from facegate.server.middleware import BodyLimitMiddleware, RequestContextMiddleware
+from facegate.server.middleware import (
+    BodyGuardMiddleware,
+    EnvelopeCORSMiddleware,
+    RequestContextMiddleware,
+)
 from facegate.server.routers import include_routers
 from facegate.server.services import start_services, stop_services
 from facegate.server.settings import Settings
 from fastapi import FastAPI
-from fastapi.middleware.cors import CORSMiddleware
+from fastapi_offline import FastAPIOffline
 
 from facegate import __version__
 
@@ -40,7 +48,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             app.state.services = None
             await stop_services(services)
 
-    app = FastAPI(
+    app = FastAPIOffline(
+        static_url="/static/docs",
         title="facegate",
         version=__version__,
         summary="Face verification: 1:1 verify, enrol, 1:N search, consistency monitoring",
@@ -55,13 +64,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     if settings.cors_origins:
         app.add_middleware(
-            CORSMiddleware,
+            EnvelopeCORSMiddleware,
             allow_origins=settings.cors_origins,
             allow_methods=["GET", "POST", "DELETE"],
             allow_headers=["X-API-Key", "X-Admin-Key", "X-Request-ID", "Content-Type"],
             expose_headers=["X-Request-ID"],
         )
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
+    app.add_middleware(
+        BodyGuardMiddleware,
+        max_bytes=settings.max_request_bytes,
+        timeout_s=settings.body_timeout_s,
+    )
     app.add_middleware(RequestContextMiddleware, metrics=metrics)
     return app
 

@@ -26,6 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import uvicorn
+    from facegate.server.http import h11_protocol
     from facegate.server.settings import Settings
 
     if args.bundle is not None:
@@ -57,5 +58,7 @@ def run(args: argparse.Namespace) -> int:
         workers=args.workers,
         log_level=args.log_level,
         timeout_graceful_shutdown=10,
+        # h11 explicitly: the header deadline (slowloris) lives in this subclass of its protocol
+        http=h11_protocol(settings.header_timeout_s),
     )
     return 0

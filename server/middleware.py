@@ -1,11 +1,12 @@
-"""Pure ASGI middleware: request ids, request metrics, and the request body limit.
+"""Pure ASGI middleware: request ids, request metrics, request body limits, CORS.
 
 Pure ASGI (not ``BaseHTTPMiddleware``) so uploads stream through untouched and the
-limit can answer 413 before a large body is read.
+limits can answer 413 before a large body is read, or 408 when it stalls.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -15,6 +16,8 @@ import uuid
 from facegate.server.errors import error_body, error_response
 from facegate.server.metrics import ServerMetrics
 from starlette.datastructures import Headers, MutableHeaders
+from starlette.middleware.cors import CORSMiddleware
+from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 log = logging.getLogger("facegate.server")
@@ -73,24 +76,21 @@ class RequestContextMiddleware:
             )
 
 
-class BodyLimitMiddleware:
-    """Answer 413 (JSON envelope) when a request body exceeds ``max_bytes``.
+class BodyGuardMiddleware:
+    """Bound every request body: 413 past ``max_bytes``, 408 when it is not all there
+    ``timeout_s`` after the app starts reading it.
 
     A declared ``Content-Length`` over the limit is refused before reading; a streamed
-    body is counted as it arrives and the app's response is replaced by the 413.
+    body is counted as it arrives. A stalled or trickling upload would otherwise hold a
+    connection and a worker for ever. On either refusal the app's own response (it sees
+    an exception from ``receive``) is replaced by the JSON envelope with
+    ``Connection: close``, so the unread rest of the body is never waited for.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float) -> None:
         self.app = app
         self.max_bytes = max_bytes
-
-    async def _reject(self, send: Send) -> None:
-        body = json.dumps(
-            error_body("request_too_large", f"request body exceeds {self.max_bytes} bytes")
-        ).encode()
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-        await send({"type": "http.response.start", "status": 413, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+        self.timeout_s = timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -98,33 +98,77 @@ class BodyLimitMiddleware:
             return
         declared = Headers(scope=scope).get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await self._reject(send)
+            await _refuse(send, *self._too_large())
             return
         received = 0
-        exceeded = False
+        deadline: float | None = None
+        body_done = False
+        refusal: tuple[int, str, str] | None = None
 
-        async def counting_receive() -> Message:
-            nonlocal received, exceeded
-            message = await receive()
+        async def guarded_receive() -> Message:
+            nonlocal received, deadline, body_done, refusal
+            if body_done:  # later calls wait for the disconnect: no deadline on that
+                return await receive()
+            loop = asyncio.get_running_loop()
+            if deadline is None:
+                deadline = loop.time() + self.timeout_s
+            try:
+                message = await asyncio.wait_for(receive(), max(deadline - loop.time(), 0))
+            except TimeoutError:
+                refusal = (408, "request_timeout",
+                           f"request body not received within {self.timeout_s:g} s")
+                raise _BodyRefused from None
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                body_done = True
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
-                    exceeded = True
-                    raise _BodyTooLarge
+                    refusal = self._too_large()
+                    raise _BodyRefused
             return message
 
         async def guarded_send(message: Message) -> None:
-            if not exceeded:
+            if refusal is None:
                 await send(message)
 
         try:
-            await self.app(scope, counting_receive, guarded_send)
+            await self.app(scope, guarded_receive, guarded_send)
         except Exception:
-            if not exceeded:
+            if refusal is None:
                 raise
-        if exceeded:
-            await self._reject(send)
+        if refusal is not None:
+            await _refuse(send, *refusal)
+
+    def _too_large(self) -> tuple[int, str, str]:
+        return 413, "request_too_large", f"request body exceeds {self.max_bytes} bytes"
 
 
-class _BodyTooLarge(Exception):
-    """Raised inside the app's receive; the middleware turns it into the 413."""
+async def _refuse(send: Send, status: int, code: str, message: str) -> None:
+    """The envelope, then close: the client may still be sending the refused body."""
+    body = json.dumps(error_body(code, message)).encode()
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"connection", b"close"),
+    ]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+class _BodyRefused(Exception):
+    """Raised inside the app's receive; the middleware turns it into the 408 or 413."""
+
+
+class EnvelopeCORSMiddleware(CORSMiddleware):
+    """Starlette's CORS, with a refused preflight answered by the JSON envelope
+    (``cors_rejected``) instead of plain text, like every other error."""
+
+    def preflight_response(self, request_headers: Headers) -> Response:
+        response = super().preflight_response(request_headers)
+        if response.status_code != 400:
+            return response
+        headers = {
+            k: v for k, v in response.headers.items() if k not in ("content-length", "content-type")
+        }
+        message = bytes(response.body).decode()  # "Disallowed CORS origin, method"
+        return JSONResponse(error_body("cors_rejected", message), status_code=400, headers=headers)

@@ -36,11 +36,16 @@ async def consistency(services: ServicesDep, settings: SettingsDep) -> dict[str,
     return report
 
 
+# Each probe also answers HEAD (load balancers and uptime checks use it), through a
+# second, undocumented route: one GET+HEAD route would document a duplicate operation.
+# The HEAD decorator sits on top so GET is registered first and a 405 says "Allow: GET".
+@probes.head("/healthz", include_in_schema=False)
 @probes.get("/healthz", summary="The process is alive")
 async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
+@probes.head("/readyz", include_in_schema=False)
 @probes.get(
     "/readyz",
     response_model=schemas.Ready,
@@ -64,6 +69,7 @@ async def readyz(request: Request) -> JSONResponse:
     return JSONResponse(ready.model_dump())
 
 
+@probes.head("/metrics", include_in_schema=False)
 @probes.get("/metrics", summary="Prometheus metrics")
 async def prometheus_metrics(request: Request) -> Response:
     return Response(

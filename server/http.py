@@ -1,0 +1,117 @@
+"""uvicorn's h11 protocol with a deadline on request headers (slowloris).
+
+uvicorn closes idle keep-alive connections but sets no limit on how long a request line
+and its headers may take: a client that sends one header byte every few seconds holds a
+connection (and a socket) for ever, and a few hundred such clients starve the server.
+Here a request's headers must be complete within ``header_timeout_s`` of the connection
+opening or of the previous response ending; otherwise the connection is closed, with a
+408 JSON envelope when part of a request had arrived. Body deadlines are the ASGI
+middleware's job (``middleware.BodyGuardMiddleware``), where the JSON reply is easy.
+
+The protocol also answers uvicorn's "invalid HTTP request" 400 (oversized or malformed
+headers) with the envelope instead of plain text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import h11
+from facegate.server.errors import error_body
+from uvicorn.protocols.http.h11_impl import STATUS_PHRASES, H11Protocol
+
+
+class HeaderTimeoutH11Protocol(H11Protocol):
+    """``H11Protocol`` plus the header deadline; see :func:`h11_protocol`."""
+
+    header_timeout_s: float = 10.0
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._header_timer: asyncio.TimerHandle | None = None
+        self._timed_cycle: object = None  # the cycle current when the timer was armed
+        self._bytes_since_armed = False
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm_header_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_header_timer()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        self._bytes_since_armed = True
+        super().data_received(data)
+
+    def handle_events(self) -> None:
+        super().handle_events()
+        # A new cycle means h11 parsed a whole request head: its deadline is met.
+        if self.cycle is not self._timed_cycle or self.transport.is_closing():
+            self._cancel_header_timer()
+
+    def handle_websocket_upgrade(self, event: h11.Request) -> None:
+        self._cancel_header_timer()  # the transport now belongs to the WebSocket protocol
+        super().handle_websocket_upgrade(event)
+
+    def on_response_complete(self) -> None:
+        # The next request on this keep-alive connection gets its own deadline; a
+        # pipelined one already buffered is parsed (and the timer cancelled) right away.
+        if not self.transport.is_closing():
+            self._arm_header_timer()
+        super().on_response_complete()
+
+    def send_400_response(self, msg: str) -> None:
+        self._send_error_and_close(400, "bad_request", "invalid HTTP request")
+
+    def _arm_header_timer(self) -> None:
+        self._cancel_header_timer()
+        self._timed_cycle = self.cycle
+        self._bytes_since_armed = False
+        self._header_timer = self.loop.call_later(self.header_timeout_s, self._headers_timed_out)
+
+    def _cancel_header_timer(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _headers_timed_out(self) -> None:
+        self._header_timer = None
+        if self.transport.is_closing():
+            return
+        if self._bytes_since_armed and self.conn.our_state is h11.IDLE:
+            # uvicorn's own logger, so it shows at `facegate serve --log-level info`
+            self.logger.info("%s - request headers not complete within %g s: 408, closing",
+                             self._peer(), self.header_timeout_s)
+            message = f"request headers not received within {self.header_timeout_s:g} s"
+            self._send_error_and_close(408, "request_timeout", message)
+        else:  # an idle connection, or the rest of a request already answered
+            self.conn.send(h11.ConnectionClosed())
+            self.transport.close()
+
+    def _send_error_and_close(self, status: int, code: str, message: str) -> None:
+        body = json.dumps(error_body(code, message)).encode()
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"connection", b"close"),
+        ]
+        for event in (
+            h11.Response(status_code=status, headers=headers, reason=STATUS_PHRASES[status]),
+            h11.Data(data=body),
+            h11.EndOfMessage(),
+        ):
+            self.transport.write(self.conn.send(event))
+        self.transport.close()
+
+    def _peer(self) -> str:
+        return f"{self.client[0]}:{self.client[1]}" if self.client else "unknown client"
+
+
+def h11_protocol(header_timeout_s: float) -> type[HeaderTimeoutH11Protocol]:
+    """The protocol class for ``uvicorn.run(http=...)`` with this header deadline."""
+    return type(
+        "HeaderTimeoutH11Protocol", (HeaderTimeoutH11Protocol,), {"header_timeout_s": header_timeout_s}
+    )
