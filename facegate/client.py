@@ -3,6 +3,8 @@
     with FacegateClient("http://127.0.0.1:8000", api_key="...") as fg:
         result = fg.verify("a.jpg", "b.jpg")
         print(result.match, result.similarity)
+        stored = fg.embed("a.jpg").embedding()  # keep this instead of the photo
+        print(fg.verify(stored, "b.jpg").match)
 
 Every method returns the server's pydantic response model; an error response raises
 :class:`FacegateAPIError` with the HTTP status and the envelope's code and message.
@@ -10,6 +12,7 @@ Every method returns the server's pydantic response model; an error response rai
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 from collections.abc import Sequence
@@ -22,6 +25,8 @@ from pydantic import BaseModel
 from facegate.server.schemas import (
     ConsistencyResponse,
     Deleted,
+    Embedding,
+    EmbedResponse,
     EnrolResponse,
     IdentityInfo,
     IdentityList,
@@ -32,6 +37,7 @@ from facegate.server.schemas import (
 )
 
 ImageInput = bytes | str | os.PathLike[str]
+Probe = ImageInput | Embedding  # a photo, or an embedding from FacegateClient.embed
 M = TypeVar("M", bound=BaseModel)
 
 
@@ -51,6 +57,12 @@ def _image(value: ImageInput, default_name: str) -> tuple[str, bytes]:
         return default_name, value
     path = Path(value)
     return path.name, path.read_bytes()
+
+
+def _json_probe(value: Probe, image_key: str, embedding_key: str) -> dict[str, Any]:
+    if isinstance(value, Embedding):
+        return {embedding_key: value.model_dump()}
+    return {image_key: base64.b64encode(_image(value, image_key)[1]).decode()}
 
 
 class FacegateClient:
@@ -95,23 +107,42 @@ class FacegateClient:
 
     # -- verification -----------------------------------------------------------------
 
+    def embed(self, image: ImageInput) -> EmbedResponse:
+        """The embedding of the photo's face; ``.embedding()`` is what verify and search take."""
+        files = {"image": _image(image, "image")}
+        return self._call("POST", "/v1/embed", EmbedResponse, files=files)
+
     def verify(
-        self, image1: ImageInput, image2: ImageInput, *, threshold: float | None = None
+        self, probe1: Probe, probe2: Probe, *, threshold: float | None = None
     ) -> VerifyResponse:
-        files = {"image1": _image(image1, "image1"), "image2": _image(image2, "image2")}
+        """Photos go as multipart; a request with an embedding goes as JSON."""
+        if isinstance(probe1, Embedding) or isinstance(probe2, Embedding):
+            body = {
+                **_json_probe(probe1, "image1_b64", "embedding1"),
+                **_json_probe(probe2, "image2_b64", "embedding2"),
+                "threshold": threshold,
+            }
+            return self._call("POST", "/v1/verify", VerifyResponse, json=body)
+        files = {"image1": _image(probe1, "image1"), "image2": _image(probe2, "image2")}
         data = {"threshold": str(threshold)} if threshold is not None else None
         return self._call("POST", "/v1/verify", VerifyResponse, files=files, data=data)
 
-    def search(self, image: ImageInput, *, k: int = 5) -> SearchResponse:
-        files = {"image": _image(image, "image")}
+    def search(self, probe: Probe, *, k: int = 5) -> SearchResponse:
+        if isinstance(probe, Embedding):
+            body = {**_json_probe(probe, "image_b64", "embedding"), "k": k}
+            return self._call("POST", "/v1/search", SearchResponse, json=body)
+        files = {"image": _image(probe, "image")}
         return self._call("POST", "/v1/search", SearchResponse, files=files, data={"k": str(k)})
 
-    def verify_identity(self, image: ImageInput, identity_id: str) -> VerifyIdentityResponse:
+    def verify_identity(self, probe: Probe, identity_id: str) -> VerifyIdentityResponse:
+        if isinstance(probe, Embedding):
+            body = {**_json_probe(probe, "image_b64", "embedding"), "identity_id": identity_id}
+            return self._call("POST", "/v1/verify/identity", VerifyIdentityResponse, json=body)
         return self._call(
             "POST",
             "/v1/verify/identity",
             VerifyIdentityResponse,
-            files={"image": _image(image, "image")},
+            files={"image": _image(probe, "image")},
             data={"identity_id": identity_id},
         )
 

@@ -2,9 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+# One rule for a threshold override in every body type (multipart and JSON).
+Threshold = Annotated[
+    float,
+    Field(
+        ge=-1,
+        le=1,
+        allow_inf_nan=False,
+        description="override of the accept threshold: finite, in [-1, 1] (only when the "
+        "server allows overrides, else 403)",
+    ),
+]
 
 
 class ErrorDetail(BaseModel):
@@ -33,17 +45,91 @@ class Timings(BaseModel):
     total: float
 
 
-class VerifyJSON(BaseModel):
-    """JSON form of POST /v1/verify (the multipart form has files image1, image2)."""
+_EMBEDDING = {
+    "model_id": "facegate-default@2026.11.23#6995533116df",
+    "vector": [0.031, -0.104, 0.087],
+}
 
-    model_config = ConfigDict(
-        json_schema_extra={"examples": [{"image1_b64": "/9j/4AAQ...", "image2_b64": "/9j/4AAQ..."}]}
+
+class Embedding(BaseModel):
+    """A face embedding and the model that made it: only the same model's vectors compare."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [_EMBEDDING]})
+
+    model_id: str = Field(min_length=1, description="the model_id POST /v1/embed answered")
+    vector: list[Annotated[float, Field(allow_inf_nan=False)]] = Field(
+        min_length=1, description="embedding_size finite values; the server L2-normalises them"
     )
 
-    image1_b64: str = Field(description="base64 of the first image file (JPEG, PNG, WebP, BMP)")
-    image2_b64: str = Field(description="base64 of the second image file")
-    threshold: float | None = Field(
-        None, ge=-1, le=1, description="override (only when the server allows it)"
+
+def _one_of(body: BaseModel, image: str, embedding: str) -> None:
+    if (getattr(body, image) is None) == (getattr(body, embedding) is None):
+        raise ValueError(f"send exactly one of {image!r} and {embedding!r}")
+
+
+class ThresholdOption(BaseModel):
+    threshold: Threshold | None = None
+
+
+class VerifyJSON(ThresholdOption):
+    """JSON form of POST /v1/verify: each side a photo (base64) or an embedding."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"image1_b64": "/9j/4AAQ...", "image2_b64": "/9j/4AAQ..."},
+                {"embedding1": _EMBEDDING, "image2_b64": "/9j/4AAQ..."},
+            ]
+        }
+    )
+
+    image1_b64: str | None = Field(
+        None, description="base64 of the first image file (JPEG, PNG, WebP, BMP)"
+    )
+    embedding1: Embedding | None = Field(None, description="instead of image1_b64")
+    image2_b64: str | None = Field(None, description="base64 of the second image file")
+    embedding2: Embedding | None = Field(None, description="instead of image2_b64")
+
+    @model_validator(mode="after")
+    def _one_per_side(self) -> VerifyJSON:
+        _one_of(self, "image1_b64", "embedding1")
+        _one_of(self, "image2_b64", "embedding2")
+        return self
+
+
+class ProbeJSON(BaseModel):
+    """The probe of a JSON body: a photo (base64) or an embedding."""
+
+    image_b64: str | None = Field(None, description="base64 of an image file")
+    embedding: Embedding | None = Field(None, description="instead of image_b64")
+
+    @model_validator(mode="after")
+    def _one_probe(self) -> ProbeJSON:
+        _one_of(self, "image_b64", "embedding")
+        return self
+
+
+class SearchOptions(BaseModel):
+    k: int = Field(5, ge=1, le=100, description="identities to return")
+
+
+class SearchJSON(ProbeJSON, SearchOptions):
+    """JSON form of POST /v1/search (the multipart form has file image and field k)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"embedding": _EMBEDDING, "k": 5}]}
+    )
+
+
+class VerifyIdentityOptions(BaseModel):
+    identity_id: str = Field(min_length=1, description="an enrolled identity")
+
+
+class VerifyIdentityJSON(ProbeJSON, VerifyIdentityOptions):
+    """JSON form of POST /v1/verify/identity (the multipart form has image and identity_id)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"identity_id": "alice", "embedding": _EMBEDDING}]}
     )
 
 
@@ -67,7 +153,9 @@ class VerifyResponse(BaseModel):
     similarity: float = Field(description="cosine similarity of the two embeddings")
     threshold: float
     threshold_source: str = Field(description="where the threshold came from (bundle or request)")
-    faces: list[FaceInfo]
+    faces: list[FaceInfo | None] = Field(
+        description="one per side, in order; null for a side sent as an embedding"
+    )
     timings_ms: Timings
 
 
@@ -127,7 +215,7 @@ class SearchResponse(BaseModel):
     match: Candidate | None = Field(description="the best candidate if it passes the threshold, else null")
     candidates: list[Candidate] = Field(description="best first")
     threshold: float
-    face: FaceInfo
+    face: FaceInfo | None = Field(description="the probe's face; null when it was an embedding")
     timings_ms: dict[str, float]
 
 
@@ -138,8 +226,49 @@ class VerifyIdentityResponse(BaseModel):
     similarities: list[float] = Field(description="one per template, in template order")
     threshold: float
     threshold_source: str
-    face: FaceInfo
+    face: FaceInfo | None = Field(description="the probe's face; null when it was an embedding")
     timings_ms: dict[str, float]
+
+
+class EmbeddedFace(FaceInfo):
+    embedding: list[float] = Field(description="L2-normalised", examples=[_EMBEDDING["vector"]])
+
+
+class EmbedResponse(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "model_id": _EMBEDDING["model_id"],
+                    "embedding_size": 128,
+                    "faces": [
+                        {
+                            "box": [52.0, 61.0, 148.0, 157.0],
+                            "score": 1.2,
+                            "landmarks": [
+                                [80.1, 95.3], [120.4, 94.8], [100.2, 118.0],
+                                [84.5, 138.2], [116.0, 137.7],
+                            ],
+                            "faces_in_image": 1,
+                            "embedding": _EMBEDDING["vector"],
+                        }
+                    ],
+                    "timings_ms": {
+                        "decode": 3.1, "detect": 40.2, "align": 0.4, "embed": 9.8, "total": 54.0
+                    },
+                }
+            ]
+        }
+    )
+
+    model_id: str = Field(description="send it back with a vector (as an Embedding) to compare it")
+    embedding_size: int
+    faces: list[EmbeddedFace] = Field(description="the face the server's face policy selects")
+    timings_ms: Timings
+
+    def embedding(self, face: int = 0) -> Embedding:
+        """One face's embedding as the verify and search bodies take it."""
+        return Embedding(model_id=self.model_id, vector=self.faces[face].embedding)
 
 
 class ObservedDecisions(BaseModel):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from facegate.server.schemas import SearchResponse, VerifyResponse
+from facegate.server.schemas import Embedding, SearchResponse, VerifyResponse
 from server_support import blank_png, default_bundle, free_port, people, start_server
 
 from facegate.client import FacegateAPIError, FacegateClient
@@ -65,3 +65,26 @@ def test_errors_raise_typed_exceptions(server, celeba_index):
     with FacegateClient(server, api_key="wrong") as fg, pytest.raises(FacegateAPIError) as wrong:
         fg.list_identities()
     assert wrong.value.status == 403
+
+
+def test_embeddings_round_trip(server, celeba_index):
+    """An embedding from embed() stands in for its photo in verify, search, verify_identity."""
+    paths = list(people(celeba_index).values())[2][:3]  # single-face photos: they enrol
+    with FacegateClient(server, api_key="k", admin_key="adm") as fg:
+        embedded = fg.embed(paths[0])
+        stored = embedded.embedding()
+        assert isinstance(stored, Embedding) and len(stored.vector) == embedded.embedding_size
+        by_photos = fg.verify(paths[0], paths[1])
+        by_embedding = fg.verify(stored, paths[1])
+        assert by_embedding.similarity == pytest.approx(by_photos.similarity, abs=1e-5)
+        assert by_embedding.faces[0] is None and by_embedding.faces[1] is not None
+        fg.enrol("someone", [paths[1], paths[2]], identity_id="emb")
+        found = fg.search(stored, k=1)
+        assert found.candidates[0].identity_id == "emb" and found.face is None
+        checked = fg.verify_identity(stored, "emb").similarity
+        assert checked == pytest.approx(fg.verify_identity(paths[0], "emb").similarity, abs=1e-5)
+        foreign = stored.model_copy(update={"model_id": "another@1#000000000000"})
+        with pytest.raises(FacegateAPIError) as mismatch:
+            fg.search(foreign)
+        assert (mismatch.value.status, mismatch.value.code) == (409, "model_mismatch")
+        assert fg.delete_identity("emb").deleted

@@ -1,15 +1,15 @@
 """One router module per resource: verify (1:1), identities (the gallery), search (1:N),
-monitoring (consistency, health, readiness, metrics)."""
+embed (embeddings), monitoring (consistency, health, readiness, metrics)."""
 
 from __future__ import annotations
 
-from facegate.server.routers import identities, monitoring, search, verify
+from facegate.server.routers import embed, identities, monitoring, search, verify
 from fastapi import FastAPI
 
 
 def include_routers(app: FastAPI) -> None:
     """Every route: the /v1 ones (behind the API key) and the probes."""
-    for module in (verify, identities, search, monitoring):
+    for module in (verify, identities, search, embed, monitoring):
         app.include_router(module.router)
     app.include_router(monitoring.probes)
 

@@ -1,34 +1,56 @@
-"""1:N search: who in the gallery is this (``POST /v1/search``)?"""
+"""1:N search: who in the gallery is this (``POST /v1/search``)? The probe is a photo or an
+embedding (see ``routers.embed``)."""
 
 from __future__ import annotations
 
 import time
-from typing import Annotated
 
 from facegate.server import schemas
 from facegate.server.deps import ServicesDep
-from facegate.server.routers.common import ms, prepare, v1_router
-from fastapi import File, Form, UploadFile
+from facegate.server.routers.common import ms, v1_router
+from facegate.server.routers.embed import (
+    Probe,
+    conflicts,
+    embed_probes,
+    form_image,
+    form_options,
+    json_or_form,
+    json_probe,
+    request_body_openapi,
+)
+from fastapi import Request
 
 router = v1_router(tags=["verify"])
+
+
+async def _search_inputs(request: Request) -> tuple[tuple[str, Probe], int]:
+    """The probe and k, from a JSON or a multipart body."""
+    body = await json_or_form(request, schemas.SearchJSON)
+    if isinstance(body, schemas.SearchJSON):
+        return json_probe(body.image_b64, body.embedding), body.k
+    k = form_options(body, schemas.SearchOptions).k
+    return ("image", form_image(body, "image")), k
 
 
 @router.post(
     "/search",
     response_model=schemas.SearchResponse,
     summary="Who is this? (1:N against the gallery)",
+    responses=conflicts(
+        "an embedding of another model, or a gallery with templates of another model "
+        "(model_mismatch)"
+    ),
+    openapi_extra=request_body_openapi(("image",), schemas.SearchOptions, schemas.SearchJSON),
 )
-async def search(
-    services: ServicesDep,
-    image: Annotated[UploadFile, File(description="a photo")],
-    k: Annotated[int, Form(ge=1, le=100)] = 5,
-) -> schemas.SearchResponse:
-    """The k best identities; `match` is the best one if it passes the threshold, else null."""
+async def search(request: Request, services: ServicesDep) -> schemas.SearchResponse:
+    """Multipart (file `image`, field `k`) or JSON (`image_b64` or `embedding`, and `k`).
+
+    The k best identities; `match` is the best one if it passes the threshold, else null."""
     start = time.perf_counter()
-    prepared = await prepare(services, await image.read(), "image")
-    embeddings, embed_s = await services.embed(prepared.crop[None])
+    probe, k = await _search_inputs(request)
+    embedded = await embed_probes(services, [probe])
     t0 = time.perf_counter()
-    hits = await services.gallery.call(lambda g: g.search(embeddings[0], k))
+    hits = await services.gallery.call(lambda g: g.search(embedded.vectors[0], k))
     search_s = time.perf_counter() - t0
     services.metrics.stage.labels("search").observe(search_s)
     threshold = services.threshold
@@ -44,16 +66,14 @@ async def search(
     best = candidates[0] if candidates and candidates[0].match else None
     if candidates:
         services.metrics.observe_decision("search", candidates[0].similarity, best is not None)
-    timings = {k_: ms(v) for k_, v in prepared.timings.items()}
     return schemas.SearchResponse(
         decision="match" if best else "no_match",
         match=best,
         candidates=candidates,
         threshold=threshold,
-        face=schemas.FaceInfo(**prepared.face_dict()),
+        face=embedded.faces[0],
         timings_ms={
-            **timings,
-            "embed": ms(embed_s),
+            **embedded.timings_ms,
             "search": ms(search_s),
             "total": ms(time.perf_counter() - start),
         },
