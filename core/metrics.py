@@ -1,7 +1,7 @@
-"""Verification metrics: ROC, TAR@FAR, 10-fold accuracy, thresholds, OPIS.
+"""Verification metrics: pairs and their scores, ROC, TAR@FAR, 10-fold accuracy, thresholds, OPIS.
 
-Pure NumPy, no I/O, so training, export, the gallery's consistency monitor and the
-benchmarks all compute the same numbers. Convention everywhere: a pair is
+Pure NumPy, no I/O, so training, evaluation, export, the gallery's consistency monitor
+and the benchmarks all compute the same numbers. Convention everywhere: a pair is
 *accepted* when ``score >= threshold``; ``labels`` are truthy for genuine
 (same-identity) pairs. Formulas follow ``shared/notes/losses-and-metrics.md``.
 """
@@ -10,21 +10,86 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 __all__ = [
+    "OPIS_EPSILON",
+    "OPIS_POINTS",
+    "OPIS_UTILITY",
+    "OpisSummary",
     "accuracy_at",
+    "best_accuracy_threshold",
     "epsilon_opis",
     "f1_utility",
     "kfold_accuracy",
     "opis",
+    "opis_summary",
+    "pair_cosines",
     "per_identity_utilities",
     "roc_curve",
     "tar_at_far",
     "threshold_at_far",
+    "verification_pairs",
 ]
+
+# OPIS as reported everywhere: F1 utility, the calibration range sampled at 101 points,
+# epsilon-OPIS over the best and worst 10% of identities.
+OPIS_POINTS = 101
+OPIS_EPSILON = 0.1
+OPIS_UTILITY = "f1"
+
+
+def verification_pairs(
+    labels: Any, seed: int, negatives_per_positive: int = 1
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Evaluation pairs: every same-identity pair plus seeded distinct different-identity pairs.
+
+    ``labels``: one identity (int or str) per sample. Returns index arrays ``i < j`` and
+    ``is_same`` (positives first). The number of negatives is ``negatives_per_positive``
+    times the number of positives, capped by how many different-identity pairs exist.
+    """
+    labels = np.asarray(labels)
+    n = len(labels)
+    pos_i, pos_j = [], []
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        a, b = np.triu_indices(len(members), k=1)
+        pos_i.append(members[a])
+        pos_j.append(members[b])
+    pi = np.concatenate(pos_i) if pos_i else np.empty(0, np.int64)
+    pj = np.concatenate(pos_j) if pos_j else np.empty(0, np.int64)
+    _, counts = np.unique(labels, return_counts=True)
+    available = (n * (n - 1) - int((counts * (counts - 1)).sum())) // 2
+    wanted = min(negatives_per_positive * len(pi), available)
+
+    rng = np.random.default_rng(seed)
+    chosen: dict[int, None] = {}  # pair code i * n + j, in draw order
+    while len(chosen) < wanted:
+        draw = max(1024, 2 * (wanted - len(chosen)))
+        i = rng.integers(0, n, draw)
+        j = rng.integers(0, n, draw)
+        i, j = np.minimum(i, j), np.maximum(i, j)
+        keep = labels[i] != labels[j]
+        for code in (i[keep] * n + j[keep]).tolist():
+            chosen.setdefault(code, None)
+            if len(chosen) == wanted:
+                break
+    codes = np.fromiter(chosen, dtype=np.int64, count=len(chosen))
+    ni, nj = codes // n, codes % n
+    is_same = np.concatenate([np.ones(len(pi), bool), np.zeros(len(ni), bool)])
+    return (
+        np.concatenate([pi, ni]).astype(np.int64),
+        np.concatenate([pj, nj]).astype(np.int64),
+        is_same,
+    )
+
+
+def pair_cosines(embeddings: np.ndarray, first: np.ndarray, second: np.ndarray) -> np.ndarray:
+    """Score of each pair (``first[k]``, ``second[k]``): the cosine of L2-normalised rows."""
+    return np.einsum("nd,nd->n", embeddings[first], embeddings[second]).astype(np.float64)
 
 
 def _scores_labels(scores: Any, labels: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -193,6 +258,54 @@ def _utilities_grid(utilities: Any, thresholds: Any) -> tuple[np.ndarray, np.nda
     if span <= 0:
         raise ValueError("thresholds must span a non-empty range")
     return u, d, span
+
+
+@dataclass(frozen=True)
+class OpisSummary:
+    """OPIS and epsilon-OPIS of the identities' utility curves, with what they depend on.
+
+    The numbers only compare between reports over the same ``threshold_range`` (the
+    calibration range [d_min, d_max] integrated over), ``points`` and ``utility``.
+    ``opis``/``epsilon_opis`` are None when no identity qualifies or the range is empty.
+    """
+
+    opis: float | None
+    epsilon_opis: float | None
+    identities: int
+    threshold_range: tuple[float, float]
+    points: int
+    epsilon: float
+    utility: str = OPIS_UTILITY
+
+
+def opis_summary(
+    genuine_by_id: Mapping[Any, Any],
+    impostor_by_id: Mapping[Any, Any],
+    threshold_range: tuple[float, float],
+    *,
+    points: int = OPIS_POINTS,
+    epsilon: float = OPIS_EPSILON,
+) -> OpisSummary:
+    """OPIS of per-identity F1 utilities over ``threshold_range`` sampled at ``points``.
+
+    The one OPIS of evaluation and of the gallery's consistency report: the caller picks
+    the range (evaluation: between the global thresholds at FAR 1e-1 and the lowest
+    measurable FAR; the consistency report: a fixed cosine range) and the identities
+    (see ``per_identity_utilities``: those in ``genuine_by_id``).
+    """
+    low, high = float(threshold_range[0]), float(threshold_range[1])
+    if not (high > low and genuine_by_id):
+        return OpisSummary(None, None, len(genuine_by_id), (low, high), points, epsilon)
+    grid = np.linspace(low, high, points)
+    _, utilities = per_identity_utilities(genuine_by_id, impostor_by_id, grid)
+    return OpisSummary(
+        opis=opis(utilities, grid),
+        epsilon_opis=epsilon_opis(utilities, grid, epsilon=epsilon),
+        identities=int(utilities.shape[0]),
+        threshold_range=(low, high),
+        points=points,
+        epsilon=epsilon,
+    )
 
 
 def opis(utilities: Any, thresholds: Any) -> float:

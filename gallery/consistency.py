@@ -4,10 +4,15 @@ From the enrolled templates alone (no labelled test set), each identity gets gen
 scores (its own template pairs) and impostor scores (its templates against other
 identities' templates, sampled and bounded), and from them its FRR and FAR at the
 unified threshold and the threshold at which its own FAR would hit the target. Across
-identities, OPIS and epsilon-OPIS (`facegate.core.metrics`) summarise how far the
-per-identity F1 utility curves spread over the operating range `OPIS_RANGE` sampled at
-`OPIS_POINTS` thresholds. Observed decisions recorded by the server are added per
-identity so operators can compare the enrolment view with live traffic.
+identities, OPIS and epsilon-OPIS (`facegate.core.metrics.opis_summary`, the same as
+`facegate evaluate` reports) summarise how far the per-identity F1 utility curves spread
+over the threshold range `OPIS_RANGE` (`metrics.OPIS_POINTS` thresholds); the report
+carries that range (`opis_range`): OPIS only compares between reports over the same
+range. `OPIS_RANGE` is fixed, so reports on one gallery compare over time; `facegate
+evaluate` integrates over a range placed by FAR targets on its labelled pairs, so its
+OPIS and this one are not comparable with each other. Observed decisions recorded by
+the server are added per identity so operators can compare the enrolment view with
+live traffic.
 """
 
 from __future__ import annotations
@@ -21,17 +26,9 @@ from facegate.gallery.store import Gallery
 from tqdm import tqdm
 
 OPIS_RANGE = (0.0, 1.0)
-OPIS_POINTS = 101
-OPIS_EPSILON = 0.1
-UTILITY = "f1"
 
 
-def opis_thresholds() -> np.ndarray:
-    """The thresholds OPIS integrates over: `OPIS_POINTS` evenly spaced in `OPIS_RANGE`."""
-    return np.linspace(*OPIS_RANGE, OPIS_POINTS)
-
-
-def pair_scores(
+def scores_by_identity(
     vectors: np.ndarray,
     labels: Sequence[str],
     *,
@@ -110,14 +107,11 @@ def consistency_summary(
         for identity, (genuine, impostor) in scores.items()
     }
     usable = {i: s for i, s in scores.items() if s[0].size and s[1].size}
-    d = opis_thresholds()
-    opis = eps_opis = None
-    if usable:
-        _, utilities = metrics.per_identity_utilities(
-            {i: g for i, (g, _) in usable.items()}, {i: m for i, (_, m) in usable.items()}, d
-        )
-        opis = metrics.opis(utilities, d)
-        eps_opis = metrics.epsilon_opis(utilities, d, epsilon=OPIS_EPSILON)
+    opis = metrics.opis_summary(
+        {i: g for i, (g, _) in usable.items()},
+        {i: m for i, (_, m) in usable.items()},
+        OPIS_RANGE,
+    )
     gaps = [
         (abs(v["threshold_gap"]), i)
         for i, v in per_identity.items()
@@ -128,13 +122,13 @@ def consistency_summary(
         "threshold": float(threshold),
         "target_far": float(target_far),
         "identities": len(per_identity),
-        "opis_identities": len(usable),
-        "opis": opis,
-        "epsilon_opis": eps_opis,
-        "opis_epsilon": OPIS_EPSILON,
-        "opis_range": list(OPIS_RANGE),
-        "opis_points": OPIS_POINTS,
-        "utility": UTILITY,
+        "opis_identities": opis.identities,
+        "opis": opis.opis,
+        "epsilon_opis": opis.epsilon_opis,
+        "opis_epsilon": opis.epsilon,
+        "opis_range": list(opis.threshold_range),
+        "opis_points": opis.points,
+        "utility": opis.utility,
         "per_identity": per_identity,
         "worst": [{"identity_id": i, **per_identity[i]} for i in ranked],
     }
@@ -153,12 +147,13 @@ def consistency_report(
 
     Keys: threshold, target_far, identities, opis_identities (those with both genuine
     and impostor scores, the ones OPIS covers), opis, epsilon_opis (None when no
-    identity qualifies), opis_epsilon, opis_range, opis_points, utility, per_identity
+    identity qualifies), opis_epsilon, opis_range (the threshold range OPIS integrates
+    over, `OPIS_RANGE`), opis_points, utility, per_identity
     (id -> statistics, see `identity_summary`, plus "observed"), and worst (the `worst`
     identities by |own_threshold - threshold|, largest first).
     """
     vectors, labels = gallery.embeddings()
-    scores = pair_scores(
+    scores = scores_by_identity(
         vectors, labels, max_impostors_per_identity=max_impostors_per_identity, seed=seed
     )
     return consistency_summary(

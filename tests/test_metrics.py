@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from math import comb
 
 import numpy as np
 import pytest
@@ -150,3 +151,65 @@ def test_per_identity_utilities_rows_follow_genuine_ids():
     # b: one genuine (0.95), no impostors: accepted at every threshold -> F1 1.
     np.testing.assert_allclose(u[1], [1.0, 1.0, 1.0])
     assert u.shape == (2, 3)
+
+
+def test_verification_pairs_all_positives_and_equal_seeded_negatives():
+    labels = np.array([0, 0, 0, 1, 1, 2, 2, 2, 2, 3])
+    i, j, same = metrics.verification_pairs(labels, seed=0)
+    positives = comb(3, 2) + comb(2, 2) + comb(4, 2)
+    assert same.sum() == positives and (~same).sum() == positives
+    assert np.all(i < j)
+    np.testing.assert_array_equal(labels[i] == labels[j], same)
+    assert len(set(zip(i.tolist(), j.tolist(), strict=True))) == len(i)
+    again = metrics.verification_pairs(labels, seed=0)
+    assert all(np.array_equal(a, b) for a, b in zip((i, j, same), again, strict=True))
+    other = metrics.verification_pairs(labels, seed=1)
+    assert not np.array_equal(i[~same], other[0][~other[2]]) or not np.array_equal(
+        j[~same], other[1][~other[2]]
+    )
+
+    i3, _, same3 = metrics.verification_pairs(labels, seed=0, negatives_per_positive=3)
+    assert (~same3).sum() == 3 * positives
+    # Capped by the different-identity pairs that exist.
+    _, _, capped = metrics.verification_pairs(
+        np.array([0, 0, 0, 0, 1]), seed=0, negatives_per_positive=5
+    )
+    assert capped.sum() == 6 and (~capped).sum() == 4
+
+
+def test_verification_pairs_take_identity_names():
+    names = np.array(["a", "a", "b", "b", "c"])
+    i, j, same = metrics.verification_pairs(names, seed=0)
+    assert same.sum() == 2 and (~same).sum() == 2  # (0, 1), (2, 3) + as many impostors
+    np.testing.assert_array_equal(names[i] == names[j], same)
+
+
+def test_pair_cosines_of_unit_rows():
+    e = np.array([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0]], dtype=np.float32)
+    scores = metrics.pair_cosines(e, np.array([0, 0, 1]), np.array([1, 2, 2]))
+    assert scores.dtype == np.float64
+    np.testing.assert_allclose(scores, [0.6, 0.0, 0.8], atol=1e-7)
+
+
+def test_opis_summary_integrates_over_the_given_range():
+    genuine = {"a": [0.8, 0.6], "b": [0.95], "c": [0.4, 0.5]}
+    impostor = {"a": [0.7, 0.2], "b": [0.3], "c": [0.45]}
+    summary = metrics.opis_summary(genuine, impostor, (0.2, 0.9), points=15)
+    grid = np.linspace(0.2, 0.9, 15)
+    _, u = metrics.per_identity_utilities(genuine, impostor, grid)
+    assert summary.opis == pytest.approx(metrics.opis(u, grid)) and summary.opis > 0
+    assert summary.epsilon_opis == pytest.approx(metrics.epsilon_opis(u, grid, epsilon=0.1))
+    assert (summary.identities, summary.threshold_range, summary.points) == (3, (0.2, 0.9), 15)
+    assert (summary.epsilon, summary.utility) == (0.1, "f1")
+    # Another range, another number: the range is part of what OPIS says.
+    assert metrics.opis_summary(genuine, impostor, (0.0, 1.0), points=15).opis != summary.opis
+
+
+def test_opis_summary_is_none_without_identities_or_range():
+    genuine, impostor = {"a": [0.8]}, {"a": [0.3]}
+    empty_range = metrics.opis_summary(genuine, impostor, (0.5, 0.5))
+    assert empty_range.opis is None and empty_range.epsilon_opis is None
+    assert empty_range.identities == 1 and empty_range.points == metrics.OPIS_POINTS
+    nobody = metrics.opis_summary({}, {}, (0.0, 1.0))
+    assert nobody.opis is None and nobody.identities == 0
+    assert metrics.opis_summary(genuine, impostor, (0.2, math.nan)).opis is None
