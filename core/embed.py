@@ -3,28 +3,29 @@
 One Protocol, several backends: a TensorRT engine when the bundle has one for
 this GPU, ONNX Runtime on CUDA, or ONNX Runtime on CPU. ``create_embedder``
 picks the fastest that works here and says why in the log, so the same code
-serves on a laptop, in CI and on a GPU box. Preprocessing follows the bundle's
-``input`` spec, so a model is fed exactly as it was exported.
+serves on a laptop, in CI and on a GPU box. Every runtime feeds the model through
+``facegate.core.preprocess`` with the bundle's ``input`` spec, so a model is fed
+exactly as it was trained and exported.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
 import numpy as np
 from facegate.core.bundle import Bundle
+from facegate.core.embed_tensorrt import TensorRTEmbedder, TensorRTUnavailable
 from facegate.core.errors import BundleError, FacegateError
+from facegate.core.preprocess import check_crops, embed_with_flip, l2_normalise, model_input
 
+# l2_normalise is re-exported for callers that embed and compare (bench.dlib_chip).
 __all__ = [
     "RUNTIMES",
     "Embedder",
     "OnnxEmbedder",
-    "check_crops",
     "create_embedder",
     "l2_normalise",
-    "preprocess",
 ]
 
 log = logging.getLogger(__name__)
@@ -42,46 +43,6 @@ class Embedder(Protocol):
     def embed(self, crops: np.ndarray) -> np.ndarray:
         """(N, 112, 112, 3) uint8 RGB crops -> (N, D) float32, unit L2 norm."""
         ...
-
-
-def check_crops(crops: np.ndarray, size: tuple[int, int] = (112, 112)) -> np.ndarray:
-    """Raise a clear ValueError unless ``crops`` is (N, H, W, 3) uint8 with (H, W) = size."""
-    if not isinstance(crops, np.ndarray):
-        raise ValueError(f"crops must be a numpy array, got {type(crops).__name__}")
-    if crops.dtype != np.uint8:
-        raise ValueError(f"crops must be uint8, got {crops.dtype}")
-    expected = (size[0], size[1], 3)
-    if crops.ndim != 4 or crops.shape[1:] != expected:
-        raise ValueError(f"crops must have shape (N, {expected[0]}, {expected[1]}, 3), got {crops.shape}")
-    return crops
-
-
-def preprocess(crops: np.ndarray, input_spec: dict) -> np.ndarray:
-    """uint8 RGB (N, H, W, 3) -> float32 per the bundle's input spec (colour, mean/std, layout)."""
-    x = crops[..., ::-1] if input_spec["color"] == "BGR" else crops
-    mean = np.asarray(input_spec["mean"], dtype=np.float32)
-    std = np.asarray(input_spec["std"], dtype=np.float32)
-    x = (x.astype(np.float32) - mean) / std
-    if input_spec["layout"] == "NCHW":
-        x = x.transpose(0, 3, 1, 2)
-    return np.ascontiguousarray(x, dtype=np.float32)
-
-
-def embed_flipped(
-    raw: Callable[[np.ndarray], np.ndarray], crops: np.ndarray, flip: bool
-) -> np.ndarray:
-    """L2-normalised ``raw(crops)``; with ``flip`` plus the mirror images' raw outputs
-    (UniTSFace's evaluation), summed before normalising. Shared by every runtime."""
-    if not flip:
-        return l2_normalise(raw(crops))
-    # One call for crops and mirrors: at batch 1 a batch of 2 costs far less than two runs.
-    both = raw(np.concatenate([crops, crops[:, :, ::-1]]))
-    return l2_normalise(both[: len(crops)] + both[len(crops) :])
-
-
-def l2_normalise(x: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return (x / np.maximum(norms, 1e-12)).astype(np.float32)
 
 
 def _default_providers() -> list[str]:
@@ -151,20 +112,15 @@ class OnnxEmbedder:
         out = np.empty((crops.shape[0], self.embedding_size), dtype=np.float32)
         for start in range(0, crops.shape[0], self.max_batch):
             chunk = crops[start : start + self.max_batch]
-            out[start : start + chunk.shape[0]] = self._run(preprocess(chunk, self._input_spec))
+            out[start : start + chunk.shape[0]] = self._run(model_input(chunk, self._input_spec))
         return out
 
     def embed(self, crops: np.ndarray) -> np.ndarray:
-        return embed_flipped(self.raw, crops, self.flip)
+        return embed_with_flip(self.raw, crops, self.flip)
 
 
 def _try_tensorrt(bundle: Bundle, flip: bool) -> Embedder | None:
     """The TensorRT embedder, or None (logging why) when it cannot run here."""
-    try:
-        from facegate.core.embed_tensorrt import TensorRTEmbedder, TensorRTUnavailable
-    except ImportError as exc:
-        log.info("TensorRT runtime not available: %s", exc)
-        return None
     try:
         embedder = TensorRTEmbedder.from_bundle(bundle)
     except TensorRTUnavailable as exc:
@@ -173,11 +129,7 @@ def _try_tensorrt(bundle: Bundle, flip: bool) -> Embedder | None:
     except (FacegateError, OSError) as exc:  # e.g. a CUDA driver error while loading the engine
         log.warning("TensorRT engine failed to load, falling back: %s", exc)
         return None
-    if flip:
-        if not hasattr(embedder, "flip"):
-            log.info("TensorRT embedder has no flip support; falling back to ONNX Runtime")
-            return None
-        embedder.flip = True
+    embedder.flip = flip
     return embedder
 
 

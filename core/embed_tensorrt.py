@@ -22,7 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from facegate.core.bundle import DEFAULT_INPUT
 from facegate.core.errors import FacegateError
+from facegate.core.preprocess import check_crops, embed_with_flip, model_input
 
 # Preferred engine precisions when a bundle holds several for this GPU: fp16 keeps
 # parity >= 0.999 at twice fp32's speed; int8 only when it is the one built.
@@ -313,8 +315,6 @@ class TensorRTEmbedder:
         input_spec: dict[str, Any] | None = None,
         flip: bool = False,
     ) -> None:
-        from facegate.core.bundle import DEFAULT_INPUT
-
         self.session = EngineSession(engine_path)
         self.precision = precision
         self.embedding_size = int(embedding_size)
@@ -349,21 +349,17 @@ class TensorRTEmbedder:
 
     def raw(self, crops: np.ndarray) -> np.ndarray:
         """Un-normalised engine output (N, D) float32."""
-        from facegate.core.embed import check_crops, preprocess
-
         check_crops(crops, tuple(self.input_spec["size"]))
         out = np.empty((len(crops), self.embedding_size), dtype=np.float32)
         step = self.max_batch
         for start in range(0, len(crops), step):
-            chunk = preprocess(crops[start : start + step], self.input_spec)
+            chunk = model_input(crops[start : start + step], self.input_spec)
             raw = self.session.run({self.input_name: chunk})[self.output_name]
             out[start : start + len(chunk)] = raw
         return out
 
     def embed(self, crops: np.ndarray) -> np.ndarray:
-        from facegate.core.embed import embed_flipped
-
-        return embed_flipped(self.raw, crops, self.flip)
+        return embed_with_flip(self.raw, crops, self.flip)
 
     def close(self) -> None:
         self.session.close()

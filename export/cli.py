@@ -66,9 +66,10 @@ def run(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> dict:
     if args.export_target == "onnx":
         from facegate.core.align import as_geometry
-        from facegate.export.onnx import build_backbone, export_bundle, load_checkpoint
+        from facegate.export.onnx import export_bundle
         from facegate.export.parity import sample_crops
         from facegate.train.backbones import geometry_of
+        from facegate.train.checkpoint import build_backbone, load_checkpoint
 
         # Parity crops in the geometry the model takes (export_bundle writes the same one).
         geometry = as_geometry(geometry_of(build_backbone(load_checkpoint(args.checkpoint))))

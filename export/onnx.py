@@ -18,58 +18,16 @@ import numpy as np
 import onnx
 import torch
 from facegate.core.bundle import Bundle, sha256_file, write_bundle
-from facegate.core.detect import dlib_model_file
-from facegate.core.embed import preprocess
 from facegate.core.errors import BundleError
+from facegate.core.preprocess import model_input
 from facegate.export.parity import ParityError, parity_report
-from facegate.train.backbones import geometry_of, get_backbone, input_spec_of
+from facegate.train.backbones import geometry_of, input_spec_of
+from facegate.train.checkpoint import PRETRAINED_DLIB, build_backbone, load_checkpoint
+from facegate.train.embed import raw_embeddings
 
 MIN_OPSET = 17
 FP32_MIN_COSINE = 0.9999
 EXPORTER = "torch.onnx.export(dynamo=False): TorchScript exporter (the dynamo one needs onnxscript)"
-
-
-PRETRAINED_DLIB = "dlib"
-
-
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """A training checkpoint (see docs/interfaces.md) loaded on CPU.
-
-    ``dlib`` stands for dlib's pretrained face-recognition ResNet (CC0, from the
-    face_recognition_models package) as it is: a checkpoint without a threshold, so its
-    export takes ``--threshold`` and ``facegate calibrate`` then learns one.
-    """
-    if str(path) == PRETRAINED_DLIB:
-        from facegate.train.backbones import DLIB_MODEL_FILE, dlib_resnet
-
-        model_file = dlib_model_file(DLIB_MODEL_FILE)
-        return {"backbone": {"name": "dlib_resnet", "kwargs": {"embedding_size": 128}},
-                "state_dict": dlib_resnet(pretrained=True).state_dict(), "embedding_size": 128,
-                "threshold": None, "source": f"{model_file.name} (dlib-models, CC0 1.0)",
-                "source_sha256": sha256_file(model_file)}
-    try:
-        checkpoint = torch.load(Path(path), map_location="cpu", weights_only=False)
-    except (OSError, RuntimeError) as exc:
-        raise BundleError(f"cannot read checkpoint {path}: {exc}") from exc
-    missing = {"backbone", "state_dict", "embedding_size"} - set(checkpoint)
-    if missing:
-        raise BundleError(f"checkpoint {path} lacks {sorted(missing)}")
-    return checkpoint
-
-
-def build_backbone(checkpoint: dict[str, Any]) -> torch.nn.Module:
-    """The checkpoint's backbone with its weights, in eval mode."""
-    spec = checkpoint["backbone"]
-    kwargs = {k: v for k, v in dict(spec.get("kwargs") or {}).items() if k != "embedding_size"}
-    model = get_backbone(spec["name"], embedding_size=int(checkpoint["embedding_size"]), **kwargs)
-    model.load_state_dict(checkpoint["state_dict"])
-    return model.eval()
-
-
-@torch.inference_mode()
-def torch_embed(model: torch.nn.Module, crops: np.ndarray) -> np.ndarray:
-    """Raw (un-normalised) embeddings of aligned crops from the PyTorch model."""
-    return model(torch.from_numpy(preprocess(np.asarray(crops), input_spec_of(model)))).numpy()
 
 
 def onnx_embed(onnx_path: Path, crops: np.ndarray, input_spec: dict[str, Any]) -> np.ndarray:
@@ -77,7 +35,7 @@ def onnx_embed(onnx_path: Path, crops: np.ndarray, input_spec: dict[str, Any]) -
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    return session.run(["embedding"], {"input": preprocess(np.asarray(crops), input_spec)})[0]
+    return session.run(["embedding"], {"input": model_input(np.asarray(crops), input_spec)})[0]
 
 
 def export_onnx(model: torch.nn.Module, path: Path, *, opset: int = MIN_OPSET) -> Path:
@@ -176,7 +134,7 @@ def export_bundle(
     checkpoint = load_checkpoint(checkpoint_path)
     model = build_backbone(checkpoint)
     value, source, provenance = threshold_from(checkpoint, checkpoint_path, threshold)
-    reference = torch_embed(model, parity_crops)
+    reference = raw_embeddings(model, parity_crops)
 
     with tempfile.TemporaryDirectory(prefix="facegate-export-") as tmp:
         plain = export_onnx(model, Path(tmp) / "plain.onnx", opset=opset)

@@ -4,8 +4,9 @@ An export is only trusted when the exported model embeds the same faces the same
 way as its source: every crop's cosine between the two embeddings must reach a
 floor (0.9999 for PyTorch -> ONNX fp32, 0.999 for TensorRT fp16), and for reduced
 precision the verification accuracy at the bundle's threshold may move by at
-most 0.1 point on a held-out pair set. The math here is pure NumPy; loading
-crops is the one I/O helper, kept at the bottom.
+most 0.1 point on a held-out pair set (``metrics.verification_pairs``, the pairs
+evaluation uses). The math here is pure NumPy; loading crops is the one I/O helper,
+kept at the bottom.
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from facegate.core import metrics
 from facegate.core.align import Geometry
 from facegate.core.errors import FacegateError
+from facegate.core.preprocess import l2_normalise
 from tqdm import tqdm
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "celeba-subset"
@@ -29,16 +32,16 @@ class ParityError(FacegateError):
     status = 500
 
 
-def l2_normalise(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float64)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+def _unit64(x: np.ndarray) -> np.ndarray:
+    """Unit rows in float64, whatever precision the runtime returned."""
+    return l2_normalise(np.asarray(x, dtype=np.float64))
 
 
 def row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Cosine between row i of ``a`` and row i of ``b``."""
     if a.shape != b.shape:
         raise ValueError(f"shape mismatch: {a.shape} vs {b.shape}")
-    return np.sum(l2_normalise(a) * l2_normalise(b), axis=1)
+    return np.sum(_unit64(a) * _unit64(b), axis=1)
 
 
 def parity_report(reference: np.ndarray, candidate: np.ndarray, *, min_cosine: float) -> dict:
@@ -54,32 +57,12 @@ def parity_report(reference: np.ndarray, candidate: np.ndarray, *, min_cosine: f
     }
 
 
-def verification_pairs(
-    identities: Sequence[str], *, max_impostors_per_genuine: int = 1, seed: int = 0
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """All genuine pairs among the samples plus as many random impostor pairs.
-
-    Returns index arrays ``(i, j)`` and boolean ``labels`` (True = same identity).
-    """
-    ids = np.asarray(identities)
-    i_all, j_all = np.triu_indices(len(ids), k=1)
-    same = ids[i_all] == ids[j_all]
-    gen = np.flatnonzero(same)
-    imp = np.flatnonzero(~same)
-    rng = np.random.default_rng(seed)
-    n_imp = min(len(imp), max(1, len(gen)) * max_impostors_per_genuine)
-    imp = rng.choice(imp, size=n_imp, replace=False)
-    keep = np.concatenate([gen, imp])
-    return i_all[keep], j_all[keep], same[keep]
-
-
 def accuracy_at_threshold(
     embeddings: np.ndarray, i: np.ndarray, j: np.ndarray, labels: np.ndarray, threshold: float
 ) -> float:
     """Fraction of pairs whose accept/reject decision at ``threshold`` is correct."""
-    z = l2_normalise(embeddings)
-    scores = np.sum(z[i] * z[j], axis=1)
-    return float(np.mean((scores >= threshold) == labels))
+    scores = metrics.pair_cosines(_unit64(embeddings), i, j)
+    return float(np.mean((scores >= threshold) == labels))  # NaN scores count as wrong
 
 
 def accuracy_change(
@@ -92,7 +75,7 @@ def accuracy_change(
     seed: int = 0,
 ) -> dict:
     """Verification accuracy (in percent) at one threshold for both runtimes, and the change."""
-    i, j, labels = verification_pairs(identities, seed=seed)
+    i, j, labels = metrics.verification_pairs(identities, seed=seed)
     ref = 100.0 * accuracy_at_threshold(reference, i, j, labels, threshold)
     cand = 100.0 * accuracy_at_threshold(candidate, i, j, labels, threshold)
     return {
@@ -105,15 +88,6 @@ def accuracy_change(
         "allowed_change_points": float(max_drop_points),
         "passed": bool(abs(cand - ref) <= max_drop_points),
     }
-
-
-def to_model_input(crops: np.ndarray, input_spec: dict | None = None) -> np.ndarray:
-    """Aligned uint8 crops -> the model's input tensor, exactly as the runtimes feed it
-    (``input_spec``: a bundle's ``input``; default the 112x112 models' ``DEFAULT_INPUT``)."""
-    from facegate.core.bundle import DEFAULT_INPUT
-    from facegate.core.embed import preprocess
-
-    return preprocess(np.asarray(crops), input_spec or DEFAULT_INPUT)
 
 
 def list_photos(data_dir: Path) -> list[tuple[Path, str]]:

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 from facegate.core.align import Geometry
-from facegate.core.bundle import add_file, load_bundle
+from facegate.core.bundle import DEFAULT_INPUT, add_file, load_bundle
 from facegate.core.embed_tensorrt import (
     CudaRuntime,
     TensorRTEmbedder,
@@ -28,15 +28,14 @@ from facegate.core.embed_tensorrt import (
     import_tensorrt,
 )
 from facegate.core.errors import BundleError
+from facegate.core.preprocess import model_input
 from facegate.export.parity import (
     DEFAULT_DATA,
     ParityError,
     accuracy_change,
-    l2_normalise,
     list_photos,
     parity_report,
     sample_crops,
-    to_model_input,
 )
 
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -71,7 +70,7 @@ def _calibrator(
         def __init__(self) -> None:
             trt.IInt8EntropyCalibrator2.__init__(self)
             self.batches = [
-                to_model_input(crops[k : k + batch], input_spec)
+                model_input(crops[k : k + batch], input_spec or DEFAULT_INPUT)
                 for k in range(0, len(crops) - batch + 1, batch)
             ]
             if not self.batches:
@@ -254,8 +253,8 @@ def export_embedder_engine(
         trt_embedder.close()
     parity = parity_report(reference, candidate, min_cosine=MIN_COSINE[precision])
     accuracy = accuracy_change(
-        l2_normalise(reference),
-        l2_normalise(candidate),
+        reference,
+        candidate,
         identities,
         bundle.threshold,
         max_drop_points=MAX_ACCURACY_CHANGE_POINTS,
@@ -296,6 +295,7 @@ def export_detector_engine(
     import onnxruntime as ort
     from facegate.core.embed_tensorrt import EngineSession
     from facegate.core.image import decode
+    from facegate.core.scrfd import INPUT_MEAN, INPUT_STD
 
     if precision == "int8":
         raise BundleError("int8 is not supported for the detector: use fp16 or fp32")
@@ -316,7 +316,7 @@ def export_detector_engine(
     if photo is None:
         photo = list_photos(DEFAULT_DATA)[0][0]
     image = cv2.resize(decode(Path(photo).read_bytes()), (input_size, input_size))
-    blob = ((image.astype(np.float32) - 127.5) / 128.0).transpose(2, 0, 1)[None]
+    blob = ((image.astype(np.float32) - INPUT_MEAN) / INPUT_STD).transpose(2, 0, 1)[None]
     session = ort.InferenceSession(str(detector_onnx), providers=["CPUExecutionProvider"])
     input_name = session.get_inputs()[0].name
     expected = dict(

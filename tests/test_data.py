@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections import Counter
-from math import comb
 
 import cv2
 import numpy as np
@@ -14,7 +13,6 @@ from facegate.train.data import (
     CropFolder,
     PKSampler,
     load_crops,
-    make_pairs,
     normalize,
     split_identities,
 )
@@ -111,26 +109,6 @@ def test_pk_sampler_shards_the_same_sequence_over_ranks():
     shards = [list(PKSampler(labels, p=3, k=2, seed=5, rank=r, world_size=2)) for r in range(2)]
     assert len(shards[0]) == len(shards[1]) == len(whole) // 2
     assert shards[0] == whole[0::2] and shards[1] == whole[1::2]
-
-
-def test_make_pairs_all_positives_and_equal_seeded_negatives():
-    labels = np.array([0, 0, 0, 1, 1, 2, 2, 2, 2, 3])
-    i, j, same = make_pairs(labels, seed=0)
-    positives = comb(3, 2) + comb(2, 2) + comb(4, 2)
-    assert same.sum() == positives and (~same).sum() == positives
-    assert np.all(i < j)
-    np.testing.assert_array_equal(labels[i] == labels[j], same)
-    assert len(set(zip(i.tolist(), j.tolist(), strict=True))) == len(i)
-    again = make_pairs(labels, seed=0)
-    assert all(np.array_equal(a, b) for a, b in zip((i, j, same), again, strict=True))
-    other = make_pairs(labels, seed=1)
-    assert not np.array_equal(i[~same], other[0][~other[2]]) or not np.array_equal(j[~same], other[1][~other[2]])
-
-    i3, _, same3 = make_pairs(labels, seed=0, negatives_per_positive=3)
-    assert (~same3).sum() == 3 * positives
-    # Capped by the different-identity pairs that exist.
-    _, _, capped = make_pairs(np.array([0, 0, 0, 0, 1]), seed=0, negatives_per_positive=5)
-    assert capped.sum() == 6 and (~capped).sum() == 4
 
 
 def test_crop_dataset_normalises_and_augments(crop_folder):

@@ -13,7 +13,7 @@ import pytest
 import torch
 from facegate.core.detect import dlib_model_file
 from facegate.core.dlib_dnn import DlibFormatError, read_dlib_dnn
-from facegate.core.embed import preprocess
+from facegate.core.preprocess import model_input
 from facegate.train.backbones import (
     DLIB_MODEL_FILE,
     DlibResNet,
@@ -143,7 +143,7 @@ def test_other_dlib_networks_do_not_load() -> None:
 def test_torch_port_matches_dlib(pretrained, chips_and_descriptors) -> None:
     chips, reference = chips_and_descriptors
     with torch.inference_mode():
-        out = pretrained(torch.from_numpy(preprocess(chips, input_spec_of(pretrained)))).numpy()
+        out = pretrained(torch.from_numpy(model_input(chips, input_spec_of(pretrained)))).numpy()
     assert _min_cosine(out, reference) >= MIN_COSINE
     assert np.abs(out - reference).max() < 1e-4  # same scale: dlib's 0.6 distance still holds
 
@@ -158,5 +158,5 @@ def test_onnx_export_matches_dlib(pretrained, chips_and_descriptors, tmp_path) -
         opset_version=17, dynamo=False,
     )
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    out = session.run(["embedding"], {"input": preprocess(chips, input_spec_of(pretrained))})[0]
+    out = session.run(["embedding"], {"input": model_input(chips, input_spec_of(pretrained))})[0]
     assert _min_cosine(out, reference) >= MIN_COSINE

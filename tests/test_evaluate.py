@@ -10,13 +10,9 @@ import torch
 from facegate.core import metrics
 from facegate.train.binset import write_bin
 from facegate.train.data import CropFolder
-from facegate.train.evaluate import (
-    EvaluationError,
-    evaluate,
-    identity_metrics,
-    reachable_fars,
-)
+from facegate.train.evaluate import EvaluationError, evaluate
 from facegate.train.trainer import CHECKPOINT, train
+from facegate.train.verification import identity_metrics, reachable_fars
 from test_trainer import crops_root, tiny_config  # noqa: F401 - shared real-crop fixture
 
 

@@ -10,19 +10,21 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from facegate.core.bundle import load_bundle
+from facegate.core import metrics
+from facegate.core.bundle import DEFAULT_INPUT, load_bundle
 from facegate.core.embed import create_embedder
 from facegate.core.errors import BundleError
-from facegate.export.onnx import build_backbone, export_bundle, load_checkpoint, torch_embed
+from facegate.core.preprocess import model_input
+from facegate.export.onnx import export_bundle
 from facegate.export.parity import (
     accuracy_change,
     parity_report,
     row_cosines,
     sample_crops,
-    to_model_input,
-    verification_pairs,
 )
 from facegate.train.backbones import get_backbone
+from facegate.train.checkpoint import build_backbone, load_checkpoint
+from facegate.train.embed import raw_embeddings
 from facegate.train.losses import CosFace
 
 EMBEDDING_SIZE = 64
@@ -44,7 +46,7 @@ def checkpoint(tmp_path_factory, crops):
     model = get_backbone("mobilefacenet", embedding_size=EMBEDDING_SIZE, width=0.25)
     head = CosFace(num_classes=len(names), embedding_size=EMBEDDING_SIZE)
     optimizer = torch.optim.SGD([*model.parameters(), *head.parameters()], lr=0.05, momentum=0.9)
-    x = torch.from_numpy(to_model_input(images))
+    x = torch.from_numpy(model_input(images, DEFAULT_INPUT))
     model.train()
     losses = []
     for _ in range(4):
@@ -91,7 +93,7 @@ def test_onnx_is_valid_opset17_with_named_io(bundle):
 
 def test_dynamic_batch_1_and_5_agree(bundle, crops):
     session = ort.InferenceSession(str(bundle.onnx_path), providers=["CPUExecutionProvider"])
-    x = to_model_input(crops[0][:5])
+    x = model_input(crops[0][:5], DEFAULT_INPUT)
     one = session.run(["embedding"], {"input": x[:1]})[0]
     five = session.run(["embedding"], {"input": x})[0]
     assert one.shape == (1, EMBEDDING_SIZE) and five.shape == (5, EMBEDDING_SIZE)
@@ -104,9 +106,9 @@ def test_parity_with_pytorch_on_real_crops(bundle, checkpoint, crops):
     assert recorded["min_cosine"] >= 0.9999
     # Independently: torch vs the bundle's ONNX on crops the export did not see.
     held_out = crops[0][12:]
-    reference = torch_embed(build_backbone(load_checkpoint(checkpoint)), held_out)
+    reference = raw_embeddings(build_backbone(load_checkpoint(checkpoint)), held_out)
     session = ort.InferenceSession(str(bundle.onnx_path), providers=["CPUExecutionProvider"])
-    exported = session.run(["embedding"], {"input": to_model_input(held_out)})[0]
+    exported = session.run(["embedding"], {"input": model_input(held_out, DEFAULT_INPUT)})[0]
     assert row_cosines(reference, exported).min() >= 0.9999
     # The trained model tells crops apart: the parity is not between constant outputs.
     z = reference / np.linalg.norm(reference, axis=1, keepdims=True)
@@ -138,7 +140,7 @@ def test_auto_runtime_is_ort_cpu_and_matches_pytorch(bundle, checkpoint, crops):
     got = embedder.embed(crops[0])
     assert got.shape == (len(crops[0]), EMBEDDING_SIZE)
     np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
-    reference = torch_embed(build_backbone(load_checkpoint(checkpoint)), crops[0])
+    reference = raw_embeddings(build_backbone(load_checkpoint(checkpoint)), crops[0])
     assert row_cosines(reference, got).min() >= 0.9999
 
 
@@ -183,7 +185,7 @@ def test_parity_report_flags_drift():
 
 def test_verification_pairs_and_accuracy_change():
     identities = ["a", "a", "b", "b", "c"]
-    i, j, labels = verification_pairs(identities, seed=0)
+    i, j, labels = metrics.verification_pairs(identities, seed=0)
     assert labels.sum() == 2 and (~labels).sum() == 2  # (0,1), (2,3) + as many impostors
     assert all(
         (identities[p] == identities[q]) == lab for p, q, lab in zip(i, j, labels, strict=True)

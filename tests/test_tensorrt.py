@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from facegate.core.bundle import load_bundle
+from facegate.core.bundle import DEFAULT_INPUT, load_bundle
 from facegate.core.embed import create_embedder
 from facegate.core.embed_tensorrt import (
     TensorRTEmbedder,
@@ -14,8 +14,9 @@ from facegate.core.embed_tensorrt import (
     gpu_slug,
     matching_engine,
 )
+from facegate.core.preprocess import model_input
 from facegate.export.onnx import export_bundle
-from facegate.export.parity import row_cosines, sample_crops, to_model_input
+from facegate.export.parity import row_cosines, sample_crops
 from facegate.export.tensorrt import optimisation_shapes
 from facegate.train.backbones import get_backbone
 
@@ -33,7 +34,7 @@ def bundle(tmp_path_factory, crops):
     with torch.no_grad():  # train-mode passes give BatchNorm real running statistics
         model.train()
         for _ in range(3):
-            model(torch.from_numpy(to_model_input(crops[0])))
+            model(torch.from_numpy(model_input(crops[0], DEFAULT_INPUT)))
     run = tmp_path_factory.mktemp("run")
     torch.save(
         {

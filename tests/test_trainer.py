@@ -13,6 +13,7 @@ import pytest
 import torch
 from facegate.core.align import ARCFACE_112
 from facegate.train.config import ConfigError, OptimConfig, load_config
+from facegate.train.data import CropFolder
 from facegate.train.prepare import prepare
 from facegate.train.trainer import CHECKPOINT, build_optimizer, learning_rate, lr_multiplier, train
 
@@ -130,6 +131,15 @@ def test_shipped_configs_load(config):
     assert load_config(config).name == config.stem
 
 
+def test_missing_data_says_how_to_prepare_it(tmp_path):
+    missing = tmp_path / "celeba-crops"
+    cfg = load_config(Path(__file__).parents[1] / "configs" / "default.yaml",
+                      [f"data.root={missing}", f"data.teacher={missing / 'teacher_dlib.npz'}"])
+    with pytest.raises(ConfigError, match=r"does not exist: make it with `facegate prepare PHOTOS "
+                       + r".*celeba-crops --geometry arcface_template --size 112 --teacher dlib`"):
+        train(cfg, tmp_path / "run", progress=False)
+
+
 def test_learning_rate_schedules():
     optim = OptimConfig(lr=1.0, warmup_epochs=1, schedule="cosine")
     lrs = [learning_rate(s, steps_per_epoch=10, total_steps=110, optim=optim) for s in range(110)]
@@ -229,8 +239,7 @@ def test_resume_continues_exactly(crops_root, tmp_path):
 
 def test_teacher_vectors_are_centred(crops_root):
     """dlib's descriptors share a narrow cone; distillation uses them centred."""
-    from facegate.train.data import CropFolder
-    from facegate.train.trainer import load_teacher
+    from facegate.train.teacher import load_teacher
 
     paths = CropFolder(crops_root).relative_paths
     raw = CropFolder(crops_root).teacher("dlib")
@@ -244,9 +253,9 @@ def test_teacher_vectors_are_centred(crops_root):
 def test_finetune_dlib_port_trains_fc_only_and_stays_close(chips_root, tmp_path):
     """dlib ResNet port fine-tuned on real dlib chips with everything but fc frozen: the frozen
     weights stay the port's bit for bit, fc moves, and a held-out chip still embeds near the port."""
-    from facegate.export.onnx import build_backbone, torch_embed
     from facegate.train.backbones import dlib_resnet
-    from facegate.train.data import CropFolder
+    from facegate.train.checkpoint import build_backbone
+    from facegate.train.embed import raw_embeddings
 
     cfg = load_config(None, [
         f"data.root={chips_root}", "data.holdout=2",
@@ -282,6 +291,6 @@ def test_finetune_dlib_port_trains_fc_only_and_stays_close(chips_root, tmp_path)
     chip = CropFolder(chips_root, identities=held_out[:1]).load(workers=1)[:1]
     assert chip.shape == (1, 150, 150, 3)
     tuned = build_backbone(ckpt)
-    a, b = torch_embed(tuned, chip)[0], torch_embed(port, chip)[0]
+    a, b = raw_embeddings(tuned, chip)[0], raw_embeddings(port, chip)[0]
     cosine = float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
     assert 0.9 < cosine < 1.0, cosine

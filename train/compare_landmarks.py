@@ -13,13 +13,14 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from facegate.core import metrics
 from facegate.core.align import DLIB_CHIP_150, align_face
 from facegate.core.bundle import load_bundle
 from facegate.core.detect import DlibDetector, Face, select_face
 from facegate.core.embed import create_embedder
 from facegate.core.image import decode
-from facegate.train.data import CropFolder, make_pairs, split_identities
-from facegate.train.evaluate import pair_scores, verification_metrics
+from facegate.train.data import CropFolder, split_identities
+from facegate.train.verification import verification_metrics
 
 
 def main(argv: list[str]) -> int:
@@ -42,12 +43,12 @@ def main(argv: list[str]) -> int:
             kept.append(i)
     index = np.asarray(kept)
     embedder = create_embedder(bundle, flip=True)
-    first, second, same = make_pairs(test.labels[index], seed=0)
+    first, second, same = metrics.verification_pairs(test.labels[index], seed=0)
     t = bundle.threshold
     print("| chip made from | 10-fold acc. | TAR@FAR1e-3 | acc. at t | FAR at t | FRR at t |")
     for name, chips in (("dlib's five points", test.load()[index]),
                         ("ArcFace five (mapped)", np.stack(mapped))):
-        scores = pair_scores(embedder.embed(chips), first, second)
+        scores = metrics.pair_cosines(embedder.embed(chips), first, second)
         m = verification_metrics(scores, same, t)
         far = ((scores >= t) & ~same).sum() / (~same).sum()
         frr = ((scores < t) & same).sum() / same.sum()

@@ -20,17 +20,18 @@ from typing import Any
 import numpy as np
 from facegate.core import metrics
 from facegate.train.calibrate import learn_threshold, negative_weight_for_far
-from facegate.train.data import CropFolder, make_pairs, split_identities
-from facegate.train.evaluate import identity_metrics, load_model, pair_scores, verification_metrics
+from facegate.train.data import CropFolder, split_identities
+from facegate.train.evaluate import load_model
+from facegate.train.verification import identity_metrics, verification_metrics
 
 TARGET_FARS = (1e-3, 3e-3, 1e-2)
 
 
 def threshold_rules(train_emb: np.ndarray, train_labels: np.ndarray) -> dict[str, float]:
     """Each rule's threshold, learned on training identities' embeddings alone."""
-    first, second, same = make_pairs(train_labels, seed=0)
-    rules = {"best accuracy on training pairs":
-             metrics.best_accuracy_threshold(pair_scores(train_emb, first, second), same)}
+    first, second, same = metrics.verification_pairs(train_labels, seed=0)
+    train_scores = metrics.pair_cosines(train_emb, first, second)
+    rules = {"best accuracy on training pairs": metrics.best_accuracy_threshold(train_scores, same)}
     rules["USS paper form (sum)"] = learn_threshold(train_emb, train_labels, negatives="sum")
     rules["USS verification, lambda=1"] = learn_threshold(train_emb, train_labels, negatives="mean")
     for far in TARGET_FARS:
@@ -65,8 +66,8 @@ def compare(crops: Path, model: Path, *, flip: bool, holdout: int = 48) -> dict[
     rules = threshold_rules(train_emb, train.labels)
     if model_t is not None and source not in ("operator", "none"):
         rules[f"learned in training ({source})"] = float(model_t)
-    first, second, same = make_pairs(test.labels, seed=0)
-    scores = pair_scores(test_emb, first, second)
+    first, second, same = metrics.verification_pairs(test.labels, seed=0)
+    scores = metrics.pair_cosines(test_emb, first, second)
     names = np.asarray(test.identities)[test.labels]
     return {"model": str(model), "flip": flip, "embed_seconds": round(seconds, 1),
             "train_identities": len(train_ids), "test_identities": len(test_ids),

@@ -1,4 +1,4 @@
-"""Training data from a prepared crop folder: listing, loading, splits, P x K batches, pairs.
+"""Training data from a prepared crop folder: listing, loading, splits, P x K batches.
 
 `facegate prepare` writes ``<identity>/<stem>.png`` crops (and optionally teacher
 vectors); everything here reads that layout. Small sets (tens of thousands of
@@ -18,6 +18,9 @@ from typing import Any
 import cv2
 import numpy as np
 import torch
+from facegate.core.bundle import DEFAULT_INPUT
+from facegate.core.preprocess import model_input
+from facegate.train.teacher import load_vectors, teacher_filename
 from torch.utils.data import Dataset, Sampler
 from tqdm import tqdm
 
@@ -72,27 +75,8 @@ class CropFolder:
 
     def teacher(self, name: str = "dlib") -> np.ndarray | None:
         """Teacher vectors (N, D) float32 in crop order, or None if the folder has none."""
-        path = self.root / f"teacher_{name}.npz"
+        path = self.root / teacher_filename(name)
         return load_vectors(path, self.relative_paths) if path.is_file() else None
-
-
-class MissingVectors(KeyError):
-    """Some crops have no vector in an .npz keyed by crop path."""
-
-    def __init__(self, path: str | Path, missing: list[str]) -> None:
-        super().__init__(f"{path}: no vector for {len(missing)} crops, e.g. {missing[0]}")
-        self.missing = missing
-
-
-def load_vectors(path: str | Path, keys: list[str]) -> np.ndarray:
-    """Vectors (N, D) float32 of ``keys`` (crop paths relative to a crops folder), in that
-    order, from an .npz keyed by crop path (e.g. ``prepare --teacher dlib``)."""
-    with np.load(path) as table:
-        stored = set(table.files)
-        missing = [key for key in keys if key not in stored]
-        if missing:
-            raise MissingVectors(path, missing)
-        return np.stack([table[key] for key in keys]).astype(np.float32)
 
 
 def _read_crop(path: Path, size: int) -> np.ndarray:
@@ -200,62 +184,15 @@ class PKSampler(Sampler[list[int]]):
                 yield batch
 
 
-def make_pairs(
-    labels: Sequence[int] | np.ndarray, seed: int, negatives_per_positive: int = 1
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Evaluation pairs: every same-identity pair plus seeded distinct different-identity pairs.
-
-    Returns index arrays ``i < j`` and ``is_same`` (positives first). The number of
-    negatives is ``negatives_per_positive`` times the number of positives, capped by
-    how many different-identity pairs exist.
-    """
-    labels = np.asarray(labels)
-    n = len(labels)
-    pos_i, pos_j = [], []
-    for c in np.unique(labels):
-        members = np.flatnonzero(labels == c)
-        a, b = np.triu_indices(len(members), k=1)
-        pos_i.append(members[a])
-        pos_j.append(members[b])
-    pi = np.concatenate(pos_i) if pos_i else np.empty(0, np.int64)
-    pj = np.concatenate(pos_j) if pos_j else np.empty(0, np.int64)
-    _, counts = np.unique(labels, return_counts=True)
-    available = (n * (n - 1) - int((counts * (counts - 1)).sum())) // 2
-    wanted = min(negatives_per_positive * len(pi), available)
-
-    rng = np.random.default_rng(seed)
-    chosen: dict[int, None] = {}  # pair code i * n + j, in draw order
-    while len(chosen) < wanted:
-        draw = max(1024, 2 * (wanted - len(chosen)))
-        i = rng.integers(0, n, draw)
-        j = rng.integers(0, n, draw)
-        i, j = np.minimum(i, j), np.maximum(i, j)
-        keep = labels[i] != labels[j]
-        for code in (i[keep] * n + j[keep]).tolist():
-            chosen.setdefault(code, None)
-            if len(chosen) == wanted:
-                break
-    codes = np.fromiter(chosen, dtype=np.int64, count=len(chosen))
-    ni, nj = codes // n, codes % n
-    is_same = np.concatenate([np.ones(len(pi), bool), np.zeros(len(ni), bool)])
-    return (
-        np.concatenate([pi, ni]).astype(np.int64),
-        np.concatenate([pj, nj]).astype(np.int64),
-        is_same,
-    )
-
-
 def normalize(images: np.ndarray, input_spec: dict[str, Any] | None = None) -> torch.Tensor:
     """uint8 (N, H, W, 3) or (H, W, 3) RGB -> the model's float32 NCHW / CHW input.
 
-    The same ``core.embed.preprocess`` the runtimes use, with the backbone's input spec
-    (default: the 112x112 models' (x - 127.5) / 127.5), so training and serving feed alike.
+    The same ``core.preprocess.model_input`` the runtimes use, with the backbone's input
+    spec (default: the 112x112 models' (x - 127.5) / 127.5), so training and serving feed
+    alike.
     """
-    from facegate.core.bundle import DEFAULT_INPUT
-    from facegate.core.embed import preprocess
-
     single = images.ndim == 3
-    x = preprocess(images[None] if single else images, input_spec or DEFAULT_INPUT)
+    x = model_input(images[None] if single else images, input_spec or DEFAULT_INPUT)
     return torch.from_numpy(x[0] if single else x)
 
 

@@ -15,18 +15,16 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from collections import defaultdict
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from facegate.core import metrics
-from facegate.core.errors import FacegateError
-from tqdm import tqdm
+from facegate.core.errors import BundleError, FacegateError
+from facegate.core.preprocess import l2_normalise
+from facegate.train.verification import identity_metrics, verification_metrics
 
-FARS = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
-OPIS_POINTS = 101
 # Embeds the evaluation images; gets (uint8 crops, their keys: crop paths relative to DATA or None).
 Embed = Callable[[np.ndarray, "list[str] | None"], np.ndarray]
 
@@ -36,140 +34,6 @@ class EvaluationError(FacegateError):
 
     code = "evaluation_invalid"
     status = 400
-
-
-# ---------------------------------------------------------------- pure math
-
-
-def pair_scores(embeddings: np.ndarray, first: np.ndarray, second: np.ndarray) -> np.ndarray:
-    """Cosine of each pair of L2-normalised embeddings."""
-    return np.einsum("nd,nd->n", embeddings[first], embeddings[second]).astype(np.float64)
-
-
-MIN_FALSE_ACCEPTS = 5
-
-
-def reachable_fars(impostors: int, fars: Sequence[float] = FARS) -> list[float]:
-    """FAR targets the impostor count can measure: at least 5 / FAR impostor pairs, so the
-    operating point rests on >= 5 false accepts (e.g. FAR 1e-3 on the ~9k impostor pairs
-    of 48 CelebA identities rests on ~9: a rough figure, reported as such)."""
-    return [f for f in fars if impostors >= MIN_FALSE_ACCEPTS / f - 1e-9]
-
-
-def far_key(far: float) -> str:
-    return f"tar@far={far:.0e}".replace("e-0", "e-")
-
-
-def verification_metrics(
-    scores: np.ndarray, labels: np.ndarray, threshold: float | None, fars: Sequence[float] = FARS
-) -> dict[str, Any]:
-    """10-fold accuracy, TAR@FAR where measurable, and accuracy at the model's threshold."""
-    scores = np.asarray(scores, dtype=np.float64)
-    labels = np.asarray(labels, dtype=bool)
-    mean, std = metrics.kfold_accuracy(scores, labels, folds=10, seed=0)
-    out: dict[str, Any] = {
-        "pairs": int(labels.size),
-        "genuine_pairs": int(labels.sum()),
-        "impostor_pairs": int((~labels).sum()),
-        "accuracy": float(mean),
-        "accuracy_std": float(std),
-    }
-    for far in reachable_fars(int((~labels).sum()), fars):
-        tar, thr = metrics.tar_at_far(scores, labels, far)
-        out[far_key(far)] = float(tar)
-        out[far_key(far).replace("tar@", "threshold@")] = float(thr)
-    out["threshold"] = threshold
-    out["accuracy@t"] = None if threshold is None else float(metrics.accuracy_at(scores, labels, threshold))
-    return out
-
-
-def identity_metrics(
-    scores: np.ndarray,
-    labels: np.ndarray,
-    id_first: np.ndarray,
-    id_second: np.ndarray,
-    threshold: float | None,
-    points: int = OPIS_POINTS,
-) -> dict[str, Any]:
-    """OPIS / 10%-OPIS over identities and each identity's best threshold, FRR and FAR at t.
-
-    Utility: F1 of accept/reject over the identity's genuine and impostor pairs. The
-    calibration range runs from the global threshold at FAR 1e-1 to the one at the
-    lowest FAR the impostor count measures: the span an operator chooses from.
-    """
-    labels = np.asarray(labels, dtype=bool)
-    genuine: dict[Any, list[float]] = defaultdict(list)
-    impostor: dict[Any, list[float]] = defaultdict(list)
-    for s, same, a, b in zip(scores, labels, id_first, id_second, strict=True):
-        bucket = genuine if same else impostor
-        bucket[a].append(float(s))
-        if b != a:
-            bucket[b].append(float(s))
-    fars = reachable_fars(int((~labels).sum()))
-    out: dict[str, Any] = {"utility": "f1", "points": points}
-    if len(fars) >= 2:
-        d_min = metrics.threshold_at_far(scores[~labels], fars[0])
-        d_max = metrics.threshold_at_far(scores[~labels], fars[-1])
-    else:
-        d_min, d_max = float(scores.min()), float(scores.max())
-    out["range"] = [float(d_min), float(d_max)]
-    out["range_fars"] = [fars[0], fars[-1]] if len(fars) >= 2 else None
-    if d_max > d_min and genuine:
-        grid = np.linspace(d_min, d_max, points)
-        names, utilities = metrics.per_identity_utilities(genuine, impostor, grid)
-        out["identities"] = len(names)
-        out["opis"] = float(metrics.opis(utilities, grid))
-        out["opis_10"] = float(metrics.epsilon_opis(utilities, grid, epsilon=0.1))
-    else:
-        out.update(identities=len(genuine), opis=None, opis_10=None)
-    per_identity = {}
-    for name in sorted(genuine, key=str):
-        g, i = np.asarray(genuine[name]), np.asarray(impostor.get(name, []))
-        row: dict[str, Any] = {"genuine": int(g.size), "impostor": int(i.size)}
-        if i.size:
-            both = np.concatenate([g, i])
-            same = np.concatenate([np.ones(g.size, bool), np.zeros(i.size, bool)])
-            row["best_threshold"] = metrics.best_accuracy_threshold(both, same)
-        if threshold is not None:
-            row["frr@t"] = float(np.mean(g < threshold))
-            row["far@t"] = float(np.mean(i >= threshold)) if i.size else None
-        per_identity[str(name)] = row
-    out["per_identity"] = per_identity
-    return out
-
-
-# ---------------------------------------------------------------- embedding
-
-
-def embed_torch(
-    backbone: Any,
-    images: np.ndarray,
-    *,
-    device: Any = "cpu",
-    batch_size: int = 128,
-    flip: bool = True,
-    progress: bool = False,
-) -> np.ndarray:
-    """L2-normalised embeddings of uint8 RGB crops; with ``flip`` the sum with the mirror image."""
-    import torch
-    from facegate.train.backbones import input_spec_of
-    from facegate.train.data import normalize
-
-    was_training = backbone.training
-    backbone.eval()
-    chunks = []
-    with torch.inference_mode():
-        for start in tqdm(range(0, len(images), batch_size), desc="embed", disable=not progress):
-            batch = np.ascontiguousarray(images[start : start + batch_size])
-            x = normalize(batch, input_spec_of(backbone)).to(device)
-            e = backbone(x).float()
-            if flip:
-                e = e + backbone(torch.flip(x, dims=[3])).float()
-            chunks.append(torch.nn.functional.normalize(e, dim=1).cpu().numpy())
-    backbone.train(was_training)
-    if not chunks:
-        return np.zeros((0, 0), dtype=np.float32)
-    return np.concatenate(chunks).astype(np.float32)
 
 
 def load_model(path: str | Path, *, flip: bool = True) -> tuple[Embed, float | None, str, dict]:
@@ -190,12 +54,14 @@ def load_model(path: str | Path, *, flip: bool = True) -> tuple[Embed, float | N
             info = {"kind": "precomputed", "path": str(path), "vectors": len(table.files)}
         return (lambda images, keys: lookup_embeddings(path, keys)), None, "none", info
     if path.suffix == ".pt" and path.is_file():
-        import torch
-        from facegate.train.backbones import get_backbone
+        from facegate.train.checkpoint import build_backbone, load_checkpoint
+        from facegate.train.embed import embed_torch
 
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        backbone = get_backbone(ckpt["backbone"]["name"], **ckpt["backbone"]["kwargs"])
-        backbone.load_state_dict(ckpt["state_dict"])
+        try:
+            ckpt = load_checkpoint(path)
+        except BundleError as err:
+            raise EvaluationError(str(err)) from err
+        backbone = build_backbone(ckpt)
         info = {"kind": "checkpoint", "path": str(path), "epoch": ckpt.get("epoch"),
                 "step": ckpt.get("step"), "runtime": "torch-cpu"}
         return (
@@ -209,7 +75,7 @@ def load_model(path: str | Path, *, flip: bool = True) -> tuple[Embed, float | N
 
 def lookup_embeddings(path: Path, keys: list[str] | None) -> np.ndarray:
     """L2-normalised precomputed embeddings of the evaluation crops, in order."""
-    from facegate.train.data import MissingVectors, load_vectors
+    from facegate.train.teacher import MissingVectors, load_vectors
 
     if keys is None:
         raise EvaluationError(f"{path}: precomputed embeddings need a crops folder as DATA")
@@ -218,7 +84,7 @@ def lookup_embeddings(path: Path, keys: list[str] | None) -> np.ndarray:
     except MissingVectors as err:
         raise EvaluationError(f"{path}: no embedding for {len(err.missing)} crops, "
                               f"e.g. {err.missing[0]}") from None
-    return table / np.linalg.norm(table, axis=1, keepdims=True)
+    return l2_normalise(table)
 
 
 # ---------------------------------------------------------------- data
@@ -238,13 +104,13 @@ def load_pairs(
         images, issame = load_bin(data, progress=True)
         first = np.arange(0, len(images), 2)
         return images, None, first, first + 1, issame, None
-    from facegate.train.data import CropFolder, make_pairs
+    from facegate.train.data import CropFolder
 
     try:
         folder = CropFolder(data, identities)
     except (FileNotFoundError, KeyError) as err:
         raise EvaluationError(f"{data}: {err}") from err
-    first, second, same = make_pairs(folder.labels, seed=seed)
+    first, second, same = metrics.verification_pairs(folder.labels, seed=seed)
     names = np.asarray(folder.identities)[folder.labels]
     images = folder.load(progress=True)
     pair_ids = np.stack([names[first], names[second]], axis=1)
@@ -269,7 +135,7 @@ def evaluate(
     images, keys, first, second, same, pair_ids = load_pairs(data, identities)
     if same.all() or not same.any():
         raise EvaluationError(f"{data}: needs both genuine and impostor pairs")
-    scores = pair_scores(embed(images, keys), first, second)
+    scores = metrics.pair_cosines(embed(images, keys), first, second)
     result: dict[str, Any] = {"model": info, "data": str(data), "images": int(len(images)),
                               "threshold_source": source, "flip": flip}
     result.update(verification_metrics(scores, same, model_t))
@@ -299,7 +165,9 @@ def format_table(result: dict[str, Any]) -> str:
                      f"{result['accuracy@t']:.4f}"))
     level = result.get("identity_level")
     if level and level.get("opis") is not None:
-        rows.append((f"OPIS over {level['identities']} identities", f"{level['opis']:.3e}"))
+        low, high = level["range"]
+        rows.append((f"OPIS over {level['identities']} identities, t in [{low:.3f}, {high:.3f}]",
+                     f"{level['opis']:.3e}"))
         rows.append(("10%-OPIS", f"{level['opis_10']:.3e}"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

@@ -52,12 +52,12 @@ from facegate.core.face import (
     read_geometry_file,
     write_geometry_file,
 )
+from facegate.train.teacher import TEACHERS, read_table, teacher_filename, write_table
 from tqdm import tqdm
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 CROPS_CSV = "crops.csv"
 REPORT_JSON = "prepare_report.json"
-TEACHER_FILES = {"dlib": "teacher_dlib.npz"}
 # Teacher vectors are flushed to disk this often so an interrupted run loses little.
 TEACHER_FLUSH_EVERY = 250
 
@@ -188,19 +188,6 @@ def _process(photo: Photo) -> Outcome:
     return _processor(photo)
 
 
-def load_teacher(path: Path) -> dict[str, np.ndarray]:
-    if not path.is_file():
-        return {}
-    with np.load(path) as data:
-        return {key: data[key] for key in data.files}
-
-
-def save_teacher(path: Path, vectors: dict[str, np.ndarray]) -> None:
-    partial = path.with_name(f".{path.name}.partial.npz")
-    np.savez(partial, **dict(sorted(vectors.items())))  # type: ignore[arg-type]  # keys are paths
-    partial.replace(path)
-
-
 def load_crop_rows(path: Path) -> dict[str, dict[str, str]]:
     if not path.is_file():
         return {}
@@ -295,8 +282,8 @@ def prepare(
         if other != photo.source:
             raise FacegateError(f"{photo.source} and {other} would both be cropped to {photo.crop}")
 
-    teacher_path = out / TEACHER_FILES[teacher] if teacher else None
-    teacher_vectors = load_teacher(teacher_path) if teacher_path else None
+    teacher_path = out / teacher_filename(teacher) if teacher else None
+    teacher_vectors = read_table(teacher_path) if teacher_path else None
     rows = load_crop_rows(out / CROPS_CSV)
     failures = load_failures(out / REPORT_JSON)
     todo = pending_photos(
@@ -348,7 +335,7 @@ def prepare(
                 teacher_vectors[photo.crop] = outcome.teacher
                 since_flush += 1
                 if since_flush >= TEACHER_FLUSH_EVERY:
-                    save_teacher(teacher_path, teacher_vectors)
+                    write_table(teacher_path, teacher_vectors)
                     save_crop_rows(out / CROPS_CSV, rows)
                     since_flush = 0
     finally:
@@ -358,7 +345,7 @@ def prepare(
             pool.join()
         # Keep whatever finished, even when interrupted, so the next run resumes from it.
         if teacher_path is not None and teacher_vectors is not None:
-            save_teacher(teacher_path, teacher_vectors)
+            write_table(teacher_path, teacher_vectors)
         save_crop_rows(out / CROPS_CSV, rows)
 
     present = {p.crop for p in photos if (out / p.crop).is_file()}
@@ -403,7 +390,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="retry with dlib's CNN detector when HOG finds no face (~2 s per miss, more crops, "
         "but faces the server's default detector would not find; default off, as the server)",
     )
-    parser.add_argument("--teacher", choices=sorted(TEACHER_FILES), help="also store a teacher embedding per crop")
+    parser.add_argument("--teacher", choices=TEACHERS, help="also store a teacher embedding per crop")
     parser.add_argument("--retry-failed", action="store_true", help="retry photos that failed in an earlier run")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 

@@ -33,17 +33,17 @@ import torch
 import torch.distributed as dist
 import yaml
 from facegate.core import metrics
-from facegate.core.align import as_geometry
+from facegate.core.align import Geometry, as_geometry
+from facegate.core.errors import BundleError
 from facegate.core.face import read_geometry_file
 from facegate.train import data as train_data
 from facegate.train import losses
-from facegate.train.backbones import geometry_of, get_backbone, input_spec_of, load_dlib_weights
+from facegate.train.backbones import geometry_of, get_backbone, input_spec_of
+from facegate.train.checkpoint import load_checkpoint
 from facegate.train.config import Config, ConfigError, OptimConfig, load_config
-from facegate.train.evaluate import (
-    embed_torch,
-    pair_scores,
-    verification_metrics,
-)
+from facegate.train.embed import embed_torch
+from facegate.train.teacher import load_teacher
+from facegate.train.verification import verification_metrics
 from torch import nn
 from tqdm import tqdm
 
@@ -205,13 +205,9 @@ def init_backbone(backbone: nn.Module, init: str | None) -> None:
     """Load pretrained weights into a fresh backbone: dlib's ResNet port, or a checkpoint's."""
     if init is None:
         return
-    if init == "dlib":
-        load_dlib_weights(backbone)
-        return
     try:
-        ckpt = torch.load(init, map_location="cpu", weights_only=False)
-        backbone.load_state_dict(ckpt["state_dict"])
-    except (OSError, KeyError, RuntimeError) as err:
+        backbone.load_state_dict(load_checkpoint(init)["state_dict"])
+    except (BundleError, RuntimeError) as err:
         raise ConfigError(f"model.init {init}: not a checkpoint of this backbone ({err})") from err
 
 
@@ -280,8 +276,25 @@ class Split:
     test_images: np.ndarray | None
 
 
+def prepare_command(cfg: Config, geometry: Geometry) -> str:
+    """The ``facegate prepare`` call that makes ``data.root`` as ``cfg`` needs it, for errors
+    that find the data missing or made for another model."""
+    flags = f"--geometry {geometry.method} --size {geometry.size}"
+    if geometry.padding is not None:
+        flags += f" --padding {geometry.padding}"
+    if cfg.data.teacher is not None:
+        flags += " --teacher dlib"
+    return (f"`facegate prepare PHOTOS {cfg.data.root} {flags}` (PHOTOS: identity folders or an "
+            "identities.csv, e.g. ../shared/data/celeba-subset/identities.csv)")
+
+
 def load_split(cfg: Config, progress: bool) -> Split:
     """Split identities (seeded) and load both sides' crops into memory as uint8."""
+    if not Path(cfg.data.root).is_dir():
+        backbone = get_backbone(cfg.model.backbone, cfg.model.embedding_size, width=cfg.model.width)
+        geometry = as_geometry(geometry_of(backbone))
+        raise ConfigError(f"data.root {cfg.data.root} does not exist: make it with "
+                          f"{prepare_command(cfg, geometry)}")
     try:
         everything = train_data.CropFolder(cfg.data.root)
         train_ids, test_ids = train_data.split_identities(
@@ -306,26 +319,11 @@ def check_geometry(cfg: Config, backbone: nn.Module, crop_side: int) -> None:
     recorded = read_geometry_file(Path(cfg.data.root))
     if recorded is not None and recorded != expected:
         raise ConfigError(f"data: {cfg.data.root} holds {recorded} crops, {cfg.model.backbone} "
-                          f"takes {expected}: prepare the photos with that geometry")
+                          f"takes {expected}: prepare the photos with that geometry, "
+                          f"{prepare_command(cfg, expected)}")
     if crop_side != expected.size:
         raise ConfigError(f"data: {cfg.data.root} holds {crop_side}x{crop_side} crops, "
                           f"{cfg.model.backbone} takes {expected}")
-
-
-def load_teacher(path: str, crop_paths: list[str]) -> np.ndarray:
-    """Teacher embeddings (N, d_t) float32 in crop order, centred on their mean.
-
-    Every training crop needs one. Centring matters: dlib's descriptors lie in a
-    narrow cone (on the CelebA crops, cosine 0.83 between different people and 0.95
-    within one); centred, those are 0.00 and 0.68, a geometry that a cosine-margin
-    head and USS's unified threshold can share. Uncentred, USS learned t > 1.
-    """
-    try:
-        vectors = train_data.load_vectors(path, crop_paths)
-    except train_data.MissingVectors as err:
-        raise ConfigError(f"{path}: no teacher embedding for {len(err.missing)} crops "
-                          f"(e.g. {err.missing[0]}); rerun prepare --teacher") from None
-    return vectors - vectors.mean(axis=0)
 
 
 # ---------------------------------------------------------------- run folder
@@ -558,8 +556,10 @@ def validate(model: TrainModel, split: Split, cfg: Config, device: torch.device)
         t = calibrate_threshold(model, split, cfg, device, VALIDATION_CALIBRATION_CROPS)
     assert split.test is not None and split.test_images is not None
     emb = embed_torch(model.backbone, split.test_images, device=device)
-    first, second, same = train_data.make_pairs(split.test.labels, seed=cfg.data.split_seed)
-    result = verification_metrics(pair_scores(emb, first, second), same, t, fars=VALIDATION_FARS)
+    first, second, same = metrics.verification_pairs(split.test.labels, seed=cfg.data.split_seed)
+    result = verification_metrics(
+        metrics.pair_cosines(emb, first, second), same, t, fars=VALIDATION_FARS
+    )
     return {k: v for k, v in result.items() if not k.startswith("threshold@")}
 
 
@@ -570,8 +570,8 @@ def calibrate_threshold(model: TrainModel, split: Split, cfg: Config, device: to
     if idx.size > max_crops:
         idx = np.sort(np.random.default_rng(cfg.seed).choice(idx, max_crops, replace=False))
     emb = embed_torch(model.backbone, split.train_images[idx], device=device)
-    first, second, same = train_data.make_pairs(split.train.labels[idx], seed=cfg.seed)
-    return metrics.best_accuracy_threshold(pair_scores(emb, first, second), same)
+    first, second, same = metrics.verification_pairs(split.train.labels[idx], seed=cfg.seed)
+    return metrics.best_accuracy_threshold(metrics.pair_cosines(emb, first, second), same)
 
 
 def finalize(model: TrainModel, split: Split, cfg: Config, out: Path, log: RunLog, rt: Runtime,
