@@ -28,7 +28,7 @@ class ConfigError(FacegateError):
 
 @dataclass
 class DataConfig:
-    root: str = "data/crops"  # prepared crops folder (`facegate prepare`)
+    root: str = "data/celeba-crops"  # prepared crops folder (`facegate prepare`)
     holdout: int = 0  # identities held out for validation (0 = train on all)
     split_seed: int = 0
     teacher: str | None = None  # .npz of teacher embeddings keyed by crop path
