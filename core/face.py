@@ -11,7 +11,8 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import dataclass, field
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ from facegate.core.detect import (
     Policy,
     select_face,
 )
-from facegate.core.image import decode
+from facegate.core.image import decode_scaled
 
 __all__ = [
     "DEFAULT_MAX_BYTES",
@@ -80,8 +81,10 @@ def make_detector(geometry: Geometry, landmarks: str = "auto") -> Detector:
 class PreparedFace:
     """One image's chosen face, its crop, and what each step cost (seconds).
 
-    ``image`` is the decoded photo only when asked for (``keep_image=True``), so a
-    server does not hold every upload's pixels for the life of a request.
+    ``face`` is in the upload's own (upright) pixels. ``image`` is the decoded photo
+    only when asked for (``keep_image=True``), so a server does not hold every upload's
+    pixels for the life of a request; it is at ``scale`` of the original (below 1 when
+    the photo was over ``max_detect_pixels``), so its coordinates are ``face``'s times ``scale``.
     """
 
     face: Face
@@ -90,6 +93,7 @@ class PreparedFace:
     timings: dict[str, float]
     geometry: Geometry
     image: np.ndarray | None = field(default=None, repr=False, compare=False)
+    scale: float = 1.0
 
     def face_dict(self) -> dict:
         return {**self.face.to_dict(), "faces_in_image": self.faces_in_image}
@@ -103,17 +107,29 @@ def prepare_face(
     policy: Policy | str = "largest",
     max_bytes: int = DEFAULT_MAX_BYTES,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_detect_pixels: int | None = None,
+    decode_slot: AbstractContextManager[Any] | None = None,
     keep_image: bool = False,
 ) -> PreparedFace:
     """Decode ``data``, detect, select one face by ``policy`` and crop it by ``geometry``.
 
-    Raises the ``FacegateError`` of the failing step (undecodable or too large image,
-    no face, several faces under ``strict``). The crop is ``(size, size, 3)`` uint8 RGB.
+    A photo over ``max_detect_pixels`` (None: no limit) is decoded at reduced scale and
+    detected and cropped there (the crop is far smaller than either image), holding
+    ``decode_slot`` while it decodes (:func:`facegate.core.image.decode_scaled`); the
+    face comes back in the photo's own pixels all the same. Raises the ``FacegateError``
+    of the failing step (undecodable or too large image, no face, several faces under
+    ``strict``). The crop is ``(size, size, 3)`` uint8 RGB.
     """
     if not isinstance(geometry, Geometry):
         raise TypeError(f"geometry must be a Geometry, got {type(geometry).__name__}")
     t0 = time.perf_counter()
-    image = decode(data, max_bytes=max_bytes, max_pixels=max_pixels)
+    image, scale = decode_scaled(
+        data,
+        max_bytes=max_bytes,
+        max_pixels=max_pixels,
+        max_detect_pixels=max_detect_pixels,
+        slot=decode_slot,
+    )
     t1 = time.perf_counter()
     faces = detector.detect(image)
     face = select_face(faces, policy=policy)  # type: ignore[arg-type]  # checked inside
@@ -121,12 +137,24 @@ def prepare_face(
     crop = align_face(image, face, geometry)
     t3 = time.perf_counter()
     return PreparedFace(
-        face=face,
+        face=face if scale == 1.0 else _scaled(face, 1.0 / scale),
         faces_in_image=len(faces),
         crop=crop,
         timings={"decode": t1 - t0, "detect": t2 - t1, "align": t3 - t2},
         geometry=geometry,
         image=image if keep_image else None,
+        scale=scale,
+    )
+
+
+def _scaled(face: Face, factor: float) -> Face:
+    """``face`` with its box and points multiplied by ``factor``."""
+    x1, y1, x2, y2 = face.box
+    return replace(
+        face,
+        box=(x1 * factor, y1 * factor, x2 * factor, y2 * factor),
+        landmarks=face.landmarks * np.float32(factor),
+        dlib5=None if face.dlib5 is None else face.dlib5 * np.float32(factor),
     )
 
 

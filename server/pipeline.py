@@ -4,12 +4,17 @@
 bundle, so a served crop is the crop training made. The steps are CPU-bound, so
 :class:`FacePipeline` runs them on a bounded thread pool, never on the event loop.
 Each worker thread owns its own detector, because the dlib and SCRFD detectors are
-not documented as safe to share between threads.
+not documented as safe to share between threads. Photos over ``max_detect_pixels``
+are decoded at reduced scale, and at most ``heavy_decode_slots`` of them at a time:
+a PNG of 100 KB can hold 36 M pixels (150 MB decoded), so without the bound a burst
+of such uploads multiplies the server's memory by the worker count.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import platform
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -19,12 +24,31 @@ from facegate.core.align import Geometry
 from facegate.core.detect import Detector
 from facegate.core.face import PreparedFace, prepare_face
 
-__all__ = ["FacePipeline", "PreparedFace", "prepare_face"]
+__all__ = ["FacePipeline", "PreparedFace", "map_large_allocations", "prepare_face"]
+
+# mallopt's parameter number for the mmap threshold (glibc's malloc.h).
+_M_MMAP_THRESHOLD = -3
+
+
+def map_large_allocations(threshold: int = 1 << 20) -> bool:
+    """Give each allocation of ``threshold`` bytes or more its own mmap (glibc), so a
+    decoded image's memory goes back to the OS when it is freed. False where it cannot
+    be set (another C library).
+
+    glibc otherwise raises its mmap threshold to the largest block freed so far (up to
+    32 MB); image buffers then come from per-thread arenas, which keep their pages, so
+    each decode worker holds on to the largest images it has decoded whatever the
+    number of heavy-decode slots (tests/test_memory_budget.py measures the difference).
+    """
+    if platform.libc_ver()[0] != "glibc":
+        return False
+    return bool(ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, threshold))
 
 
 class FacePipeline:
     """Runs :func:`prepare_face` on ``workers`` threads, each with its own detector,
-    cropping by ``geometry`` (the bundle's)."""
+    cropping by ``geometry`` (the bundle's); ``heavy_decode_slots`` of them at most
+    decode a photo over ``max_detect_pixels`` at once."""
 
     def __init__(
         self,
@@ -34,6 +58,8 @@ class FacePipeline:
         policy: str,
         max_bytes: int,
         max_pixels: int,
+        max_detect_pixels: int | None = None,
+        heavy_decode_slots: int = 2,
         workers: int = 4,
     ) -> None:
         self._make_detector = make_detector
@@ -42,6 +68,9 @@ class FacePipeline:
         self.policy = policy
         self.max_bytes = max_bytes
         self.max_pixels = max_pixels
+        self.max_detect_pixels = max_detect_pixels
+        self._heavy_decodes = threading.BoundedSemaphore(heavy_decode_slots)
+        map_large_allocations()
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="face")
 
     def _detector(self) -> Detector:
@@ -58,6 +87,8 @@ class FacePipeline:
             policy=policy,
             max_bytes=self.max_bytes,
             max_pixels=self.max_pixels,
+            max_detect_pixels=self.max_detect_pixels,
+            decode_slot=self._heavy_decodes,
         )
 
     async def prepare(self, data: bytes, *, policy: str | None = None) -> PreparedFace:

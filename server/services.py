@@ -109,6 +109,8 @@ async def start_services(settings: Settings, metrics: ServerMetrics) -> Services
         policy=settings.face_policy,
         max_bytes=settings.max_image_bytes,
         max_pixels=settings.max_image_pixels,
+        max_detect_pixels=settings.max_detect_pixels,
+        heavy_decode_slots=settings.heavy_decode_slots,
         workers=settings.cpu_workers,
     )
     await pipeline.warm_up()
