@@ -48,12 +48,12 @@ def time_calls(fn: Callable[[], object], *, count: int, budget_s: float, warmup:
     return out
 
 
-def rss_bytes(pid: int | str = "self") -> int:
-    """Resident set size of a process, from /proc (Linux)."""
+def rss_bytes(pid: int | str = "self", field: str = "VmRSS") -> int:
+    """Resident set size of a process (``VmHWM``: its peak so far), from /proc (Linux)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no VmRSS for process {pid}")
+    raise RuntimeError(f"no {field} for process {pid}")
 
 
 def _cpu_model() -> str:

@@ -3,8 +3,10 @@
 ``python -m facegate serve`` runs with a fresh gallery (a few real people enrolled
 through the API), once with micro-batching (the default) and once with
 ``FACEGATE_BATCHING=false`` (the peer); a thread pool of httpx clients sends real
-photos to /v1/verify and /v1/search at concurrency 1, 4 and 16. A long run (search,
-concurrency 4) records the server's RSS before and after.
+photos to /v1/verify and /v1/search at concurrency 1, 4 and 16. A long soak (10,000
+requests at concurrency 4: searches, verifies, embeddings, listings, enrol + delete, and
+the bad inputs of docs/server.md's reliability section) checks every answer's status and
+records the server's RSS before, at its peak and after.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from bench.report import fmt, ratio, table
 
 SIZES = {
     "full": {"people": 16, "concurrency": [1, 4, 16], "requests": {1: 24, 4: 48, 16: 64},
-             "budget_s": 20.0, "long_requests": 10_000, "long_budget_s": 150.0,
+             "budget_s": 20.0, "long_requests": 10_000, "long_budget_s": 1800.0,
              "long_concurrency": 4},
     "smoke": {"people": 2, "concurrency": [1, 2], "requests": {1: 2, 2: 2}, "budget_s": 5.0,
               "long_requests": 4, "long_budget_s": 5.0, "long_concurrency": 2},
@@ -74,6 +76,9 @@ class Server:
     def rss(self) -> int:
         return rss_bytes(self.proc.pid)
 
+    def peak_rss(self) -> int:
+        return rss_bytes(self.proc.pid, "VmHWM")
+
     def stop(self) -> None:
         self.proc.terminate()
         try:
@@ -104,6 +109,48 @@ def request_fn(endpoint: str, pairs: list[tuple[bytes, bytes]]):
             return client.post("/v1/verify", files=files).status_code
         return client.post("/v1/search", files={"image": ("b.jpg", b, "image/jpeg")},
                            data={"k": "5"}).status_code
+    return send
+
+
+# The soak's request kinds, in a cycle of 10, and the one status each must get.
+SOAK_KINDS = (
+    ("search", 200), ("search", 200), ("search", 200), ("verify", 200), ("verify", 200),
+    ("embed", 200), ("list", 200), ("truncated_image", 400), ("deep_metadata", 422),
+    ("enrol_delete", 201),
+)
+
+
+def soak_fn(pairs: list[tuple[bytes, bytes]]):
+    """(client, i) -> 200 when the i-th soak request got the status its kind must get,
+    else the status it got (counted as an error)."""
+    search, verify = request_fn("search", pairs), request_fn("verify", pairs)
+
+    def send(client: httpx.Client, i: int) -> int:
+        kind, expected = SOAK_KINDS[i % len(SOAK_KINDS)]
+        a, b = pairs[i % len(pairs)]
+        if kind == "search":
+            status = search(client, i)
+        elif kind == "verify":
+            status = verify(client, i)
+        elif kind == "embed":
+            status = client.post("/v1/embed", files={"image": ("a.jpg", a, "image/jpeg")}).status_code
+        elif kind == "list":
+            status = client.get("/v1/identities", params={"limit": 100}).status_code
+        elif kind == "truncated_image":
+            files = {"image1": ("a.jpg", a[: len(a) // 3], "image/jpeg"),
+                     "image2": ("b.jpg", b, "image/jpeg")}
+            status = client.post("/v1/verify", files=files).status_code
+        elif kind == "deep_metadata":
+            status = client.post("/v1/identities", data={"name": "deep", "metadata": "[" * 900},
+                                 files=[("images", ("a.jpg", a, "image/jpeg"))]).status_code
+        else:
+            r = client.post("/v1/identities", data={"name": f"soak-{i}"},
+                            files=[("images", ("a.jpg", a, "image/jpeg"))])
+            status = r.status_code
+            if status == 201:
+                client.delete(f"/v1/identities/{r.json()['identity']['identity_id']}")
+        # A photo without a face (422) recurs once per cycle of the pairs: not a failure.
+        return 200 if status in (expected, 422 if expected in (200, 201) else expected) else status
     return send
 
 
@@ -166,12 +213,14 @@ def run(sizes: dict, workdir: Path) -> dict:
             modes[mode] = {"enrolled": enrolled, "rows": rows}
             if long_run is None:
                 rss_start = server.rss()
-                row = load(server.url, request_fn("search", pairs),
+                row = load(server.url, soak_fn(pairs),
                            concurrency=sizes["long_concurrency"], requests=sizes["long_requests"],
-                           budget_s=sizes["long_budget_s"], desc=f"long run ({mode})")
-                long_run = {"mode": mode, "endpoint": "search", "target_requests": sizes["long_requests"],
+                           budget_s=sizes["long_budget_s"], desc=f"soak ({mode})")
+                long_run = {"mode": mode, "endpoint": "mixed", "target_requests": sizes["long_requests"],
                             "budget_s": sizes["long_budget_s"], **row,
-                            "rss_start_mb": rss_start / 1e6, "rss_end_mb": server.rss() / 1e6}
+                            "kinds": [k for k, _ in SOAK_KINDS],
+                            "rss_start_mb": rss_start / 1e6, "rss_end_mb": server.rss() / 1e6,
+                            "rss_peak_mb": server.peak_rss() / 1e6}
         finally:
             server.stop()
     return {"model": bundle_info(bundle_path, stand_in), "people": len(pairs),
@@ -216,14 +265,18 @@ def markdown(result: dict) -> str:
             text += (f"\n{a['endpoint']} at concurrency {a['concurrency']}: the batching server "
                      f"served fewer requests per second than without batching ({fmt(q)}x).\n")
     lr = result["long_run"]
+    kinds = lr.get("kinds", [lr["endpoint"]])
     text += (
-        f"\nLong run ({lr['mode']}, /v1/{lr['endpoint']}, concurrency {lr['concurrency']}): "
-        f"{lr['ok']:,} requests answered of a {lr['target_requests']:,} target"
+        f"\nSoak ({lr['mode']}, concurrency {lr['concurrency']}, a cycle of "
+        f"{', '.join(kinds)}): {lr['ok']:,} requests answered with the status their kind "
+        f"must get, of a {lr['target_requests']:,} target; unexpected statuses: "
+        f"{lr['errors'] or 'none'}"
         + (f", cut by the {lr['budget_s']:.0f} s budget this part has on 2 shared cores"
            if lr["ok"] < lr["target_requests"] else "")
         + f"; {lr['rps']:.1f} req/s, "
         f"p99 {fmt(lr['latency']['p99_ms'])} ms. Server RSS {lr['rss_start_mb']:.0f} MB before, "
-        f"{lr['rss_end_mb']:.0f} MB after ({lr['rss_end_mb'] - lr['rss_start_mb']:+.0f} MB).\n"
+        f"{lr['rss_end_mb']:.0f} MB after ({lr['rss_end_mb'] - lr['rss_start_mb']:+.0f} MB)"
+        + (f", peak {lr['rss_peak_mb']:.0f} MB" if "rss_peak_mb" in lr else "") + ".\n"
         "\nDetection (dlib HOG, CPU) dominates every request here, so batching the embedder "
         "can only win the embed share of the time; on a GPU the balance differs (pending: no "
         "GPU lent to this task).\n"
