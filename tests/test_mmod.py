@@ -31,7 +31,7 @@ dlib = pytest.importorskip("dlib")
 
 from facegate.export.mmod import box_iou, mmod_spec, model_file, sample_photos  # noqa: E402
 
-LIVE_PHOTOS = 20
+LIVE_PHOTOS = 16
 SPEC = MmodSpec(
     windows=((80, 80),), nms_iou=0.3382761351109955, nms_covered=1.0,
     mean_rgb=(122.782, 117.001, 104.298), pyramid_n=6, padding=10, outer_padding=11,
