@@ -8,7 +8,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8000
 PART   ?= all
 
-.PHONY: run test lint setup setup-server bench default-model clean
+.PHONY: run test lint setup setup-server system-deps bench default-model clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,7 +35,11 @@ run: $(VENV)/.server-installed
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
-test: $(STAMP)
+# Debian packages that real-part tests need (a browser, a database server): scripts/system-deps.
+system-deps:
+	@for script in scripts/system-deps/*.sh; do [ ! -e "$$script" ] || bash "$$script" || exit 1; done
+
+test: $(STAMP) system-deps
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/pytest -q
 
