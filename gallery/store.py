@@ -17,32 +17,43 @@ migrated in place at open: their crops were all ArcFace-template 112x112 crops.
 
 from __future__ import annotations
 
-import json
 import sqlite3
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import cv2
 import numpy as np
 from facegate.core.align import ARCFACE_112, Geometry, as_geometry
 from facegate.core.errors import DuplicateIdentity, ModelMismatch, UnknownIdentity, UnknownTemplate
-from facegate.gallery.index import TemplateIndex
+from facegate.gallery.cache import IndexCache
 from facegate.gallery.metadata import (
     STORE_MAX_BYTES,
     STORE_MAX_DEPTH,
     check_metadata,
     load_stored_metadata,
 )
+from facegate.gallery.records import (
+    REEMBED_BATCH,
+    Candidate,
+    Identity,
+    ReembedReport,
+    Template,
+    check_embeddings,
+    decode_png,
+    encode_png,
+    geometry_key,
+    geometry_label,
+    mismatch_message,
+    per_row,
+    stack,
+)
 from tqdm import tqdm
 
 SCHEMA_VERSION = 2  # 2: templates.crop_geometry
-NORM_TOLERANCE = 1e-3
-REEMBED_BATCH = 64
+__all__ = ["Candidate", "Gallery", "Identity", "ReembedReport", "Template"]
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -82,98 +93,6 @@ CREATE INDEX IF NOT EXISTS decisions_by_identity ON decisions(identity_id, row_i
 """
 
 
-@dataclass(frozen=True)
-class ReembedReport:
-    """What :meth:`Gallery.reembed` did, or (:meth:`Gallery.reembed_status`) can do.
-
-    Counts are of templates of another model than ``model_id`` ("stale" ones), except
-    ``reembedded`` (done by this call) and the identity counts.
-    """
-
-    model_id: str
-    geometry: Geometry  # the crops the current model takes
-    reembedded: int  # templates re-embedded by this call (0 for reembed_status)
-    reembeddable: int  # stale templates whose kept crop is in `geometry` (left to re-embed)
-    other_geometry: dict[str, int]  # stale templates whose kept crop is in another geometry
-    without_crop: int  # stale templates without a kept crop
-    stale_identities: int  # identities that still hold stale templates
-    blocked_identities: int  # identities holding a stale template that cannot be re-embedded
-
-    @property
-    def refused(self) -> int:
-        """Kept crops refused because they are not in the current model's geometry."""
-        return sum(self.other_geometry.values())
-
-    @property
-    def blocked(self) -> int:
-        """Stale templates re-embedding cannot fix (other geometry or no crop)."""
-        return self.refused + self.without_crop
-
-    @property
-    def stale(self) -> int:
-        return self.reembeddable + self.blocked
-
-    def describe(self) -> str:
-        """What was done and, for what is left, what to do: plain sentences, one per line."""
-        lines = []
-        if self.reembedded:
-            lines.append(
-                f"re-embedded {self.reembedded} templates with model {self.model_id} "
-                f"({self.geometry} crops)"
-            )
-        if self.reembeddable:
-            lines.append(
-                f"{self.reembeddable} templates have kept {self.geometry} crops and can be "
-                "re-embedded (`facegate gallery reembed`)"
-            )
-        if self.refused:
-            kinds = ", ".join(f"{n} {g}" for g, n in sorted(self.other_geometry.items()))
-            lines.append(
-                f"refused {self.refused} kept crops of another geometry ({kinds}): model "
-                f"{self.model_id} takes {self.geometry} crops, which cannot be made from them"
-            )
-        if self.without_crop:
-            lines.append(f"{self.without_crop} templates have no kept crop")
-        if self.blocked:
-            lines.append(
-                f"re-enrol {self.blocked_identities} identities ({self.blocked} templates) from "
-                "their photos (delete them and enrol again), or start with a fresh gallery file"
-            )
-        if not self.stale:
-            lines.append(f"every template is of model {self.model_id}")
-        return "\n".join(lines)
-
-
-@dataclass(frozen=True)
-class Template:
-    """One enrolled embedding of an identity (the vector itself stays in the store)."""
-
-    template_id: str
-    identity_id: str
-    created_at: float
-    source: str | None
-    score: float | None
-
-
-@dataclass(frozen=True)
-class Identity:
-    identity_id: str
-    name: str | None
-    metadata: dict = field(hash=False)
-    created_at: float
-    templates: tuple[Template, ...]
-
-
-@dataclass(frozen=True)
-class Candidate:
-    """A search hit: an identity and the similarity of its best-matching template."""
-
-    identity_id: str
-    name: str | None
-    similarity: float
-    template_id: str
-
-
 class Gallery:
     """Enrolled identities, durable in the SQLite file at `path`, searchable by embedding."""
 
@@ -197,7 +116,7 @@ class Gallery:
         self.embedding_size = embedding_size
         self.keep_crops = keep_crops
         self.geometry = as_geometry(geometry, ARCFACE_112)
-        self._geometry_key = _geometry_key(self.geometry)
+        self._geometry_key = geometry_key(self.geometry)
         self.decisions_per_identity = decisions_per_identity
         self._write_lock = threading.Lock()
         self._local = threading.local()
@@ -215,13 +134,17 @@ class Gallery:
             db.execute(
                 "INSERT OR REPLACE INTO meta(key, value) VALUES ('model_id', ?)", (model_id,)
             )
-        self._index = TemplateIndex(embedding_size, index, gpu=gpu)
-        self._rows: dict[int, tuple[str, str]] = {}  # index id -> (identity_id, template_id)
-        self._names: dict[str, str | None] = {}
+        self._cache = IndexCache(embedding_size, index, gpu=gpu)
+        self._index = self._cache.index
         self._stale_templates = 0
         self._stale_identities = 0
         self._stale_reembeddable = 0
         self._reload()
+
+    @property
+    def ready(self) -> bool:
+        """Always True: the index is updated in the same call as each commit."""
+        return True
 
     # -- writes -------------------------------------------------------------------------
 
@@ -257,7 +180,7 @@ class Gallery:
                 except sqlite3.IntegrityError:
                     raise DuplicateIdentity(f"identity {identity_id!r} already exists") from None
                 rows = self._insert_templates(db, identity_id, vectors, sources, scores, crops)
-            self._names[identity_id] = name
+            self._cache.set_name(identity_id, name)
             self._index_rows(rows, vectors)
         return Identity(
             identity_id, name, dict(metadata or {}), created_at, tuple(t for _, t in rows)
@@ -292,7 +215,7 @@ class Gallery:
                 ]
                 db.execute("DELETE FROM identities WHERE identity_id = ?", (identity_id,))
                 self._count_stale(db)
-            self._names.pop(identity_id, None)
+            self._cache.drop_identity(identity_id)
             self._unindex_rows(row_ids)
 
     def delete_template(self, identity_id: str, template_id: str) -> None:
@@ -357,7 +280,7 @@ class Gallery:
                 ):
                     batch = rows[start : start + REEMBED_BATCH]
                     vectors = self._check_embeddings(
-                        embed_fn(np.stack([_decode_png(blob) for _, blob in batch]))
+                        embed_fn(np.stack([decode_png(blob) for _, blob in batch]))
                     )
                     if len(vectors) != len(batch):
                         raise ValueError(f"embed_fn gave {len(vectors)} rows for {len(batch)}")
@@ -406,26 +329,7 @@ class Gallery:
         """The `k` identities whose best template is most similar to `query`, best first."""
         if self._stale_templates:
             raise ModelMismatch(self._mismatch_message())
-        query = np.asarray(query, dtype=np.float32).reshape(1, -1)
-        if query.shape[1] != self.embedding_size:
-            raise ValueError(f"query has {query.shape[1]} dims, expected {self.embedding_size}")
-        fetch = max(4 * k, 16)
-        while True:
-            sims, ids = self._index.search(query, fetch)
-            best: dict[str, Candidate] = {}
-            for sim, row_id in zip(sims[0], ids[0], strict=True):
-                hit = self._rows.get(int(row_id)) if row_id >= 0 else None
-                if hit is None or hit[0] in best:
-                    continue
-                identity_id, template_id = hit
-                best[identity_id] = Candidate(
-                    identity_id, self._names.get(identity_id), float(sim), template_id
-                )
-                if len(best) == k:
-                    return list(best.values())
-            if fetch >= len(self._index):
-                return list(best.values())
-            fetch *= 4
+        return self._cache.search(query, k)
 
     def identity_embeddings(self, identity_id: str) -> np.ndarray:
         """The current-model template embeddings of one identity, (N, D) float32."""
@@ -525,17 +429,7 @@ class Gallery:
         db.execute("COMMIT")
 
     def _check_embeddings(self, embeddings: np.ndarray) -> np.ndarray:
-        vectors = np.ascontiguousarray(np.asarray(embeddings, dtype=np.float32))
-        if vectors.ndim == 1:
-            vectors = vectors[None, :]
-        if vectors.ndim != 2 or len(vectors) < 1 or vectors.shape[1] != self.embedding_size:
-            raise ValueError(
-                f"embeddings must be (N>=1, {self.embedding_size}), got {vectors.shape}"
-            )
-        norms = np.linalg.norm(vectors, axis=1)
-        if not np.all(np.abs(norms - 1.0) <= NORM_TOLERANCE):
-            raise ValueError("embeddings must be finite and L2-normalised")
-        return vectors
+        return check_embeddings(embeddings, self.embedding_size)
 
     def _insert_templates(
         self,
@@ -548,10 +442,10 @@ class Gallery:
     ) -> list[tuple[int, Template]]:
         """Insert one template per row of `vectors`; returns (row id, Template) pairs."""
         n = len(vectors)
-        sources = _per_row(sources, n, "sources")
-        scores = _per_row(scores, n, "scores")
-        kept_crops = _per_row(crops, n, "crops") if self.keep_crops else [None] * n
-        kept = [None if c is None else _encode_png(c, self.geometry) for c in kept_crops]
+        sources = per_row(sources, n, "sources")
+        scores = per_row(scores, n, "scores")
+        kept_crops = per_row(crops, n, "crops") if self.keep_crops else [None] * n
+        kept = [None if c is None else encode_png(c, self.geometry) for c in kept_crops]
         out: list[tuple[int, Template]] = []
         for vector, source, score, crop in zip(vectors, sources, scores, kept, strict=True):
             template = Template(
@@ -585,37 +479,32 @@ class Gallery:
 
     def _index_rows(self, rows: list[tuple[int, Template]], vectors: np.ndarray) -> None:
         """After commit: make the new templates searchable."""
-        for row_id, template in rows:
-            self._rows[row_id] = (template.identity_id, template.template_id)
-        self._index.add(np.array([r for r, _ in rows], dtype=np.int64), vectors)
-        if self._index.needs_rebuild:
+        keys = [(r, t.identity_id, t.template_id) for r, t in rows]
+        if self._cache.add(keys, vectors):
             self._rebuild_index()
 
     def _unindex_rows(self, row_ids: list[int]) -> None:
         """After commit: drop deleted templates from search."""
-        current = [r for r in row_ids if r in self._rows]
-        for r in current:
-            del self._rows[r]
-        self._index.remove(np.array(current, dtype=np.int64))
-        if self._index.needs_rebuild:
+        if self._cache.remove(row_ids):
             self._rebuild_index()
 
     def _reload(self) -> None:
         """Rebuild names, id map, stale counts and the index from SQLite."""
         db = self._writer
-        self._names = dict(db.execute("SELECT identity_id, name FROM identities"))
         self._count_stale(db)
         self._rebuild_index()
 
     def _rebuild_index(self) -> None:
-        rows = self._writer.execute(
+        db = self._writer
+        rows = db.execute(
             "SELECT row_id, identity_id, template_id, embedding FROM templates"
             " WHERE model_id = ? ORDER BY row_id",
             (self.model_id,),
         ).fetchall()
-        self._rows = {r: (i, t) for r, i, t, _ in rows}
-        self._index.build(
-            np.array([r for r, *_ in rows], dtype=np.int64), self._stack([b for *_, b in rows])
+        self._cache.build(
+            dict(db.execute("SELECT identity_id, name FROM identities")),
+            [(r, i, t) for r, i, t, _ in rows],
+            self._stack([b for *_, b in rows]),
         )
 
     def _count_stale(self, db: sqlite3.Connection) -> None:
@@ -627,27 +516,14 @@ class Gallery:
         ).fetchone()
 
     def _mismatch_message(self) -> str:
-        """ModelMismatch's message: what is stale, then the way forward in one sentence."""
-        stale = (
-            f"{self._stale_identities} identities ({self._stale_templates} templates) were "
-            f"enrolled with another model than {self.model_id!r}"
-        )
-        command = "`facegate gallery reembed --bundle BUNDLE --gallery GALLERY`"
-        fresh = "or start with a fresh gallery file"
-        if self._stale_reembeddable == self._stale_templates:
-            return (
-                f"{stale}; their kept crops fit this model: stop the server and run {command} "
-                "with its bundle and gallery file to re-embed them"
-            )
-        if self._stale_reembeddable:
-            return (
-                f"{stale}; stop the server and run {command} to re-embed the "
-                f"{self._stale_reembeddable} whose kept crops fit this model, then re-enrol "
-                f"the others from their photos, {fresh}"
-            )
-        return (
-            f"{stale}; they have no kept crops this model can use ({self.geometry}), so "
-            f"re-enrol them from their photos (delete and enrol again), {fresh}"
+        return mismatch_message(
+            self.model_id,
+            self.geometry,
+            self._stale_templates,
+            self._stale_identities,
+            self._stale_reembeddable,
+            command="`facegate gallery reembed --bundle BUNDLE --gallery GALLERY` (server stopped)",
+            fresh="or start with a fresh gallery file",
         )
 
     def _reembed_report(self, db: sqlite3.Connection, reembedded: int) -> ReembedReport:
@@ -663,7 +539,7 @@ class Gallery:
             elif key == self._geometry_key:
                 reembeddable += count
             else:
-                label = _geometry_label(key)
+                label = geometry_label(key)
                 other[label] = other.get(label, 0) + count
         stale_identities, blocked_identities = db.execute(
             "SELECT COUNT(DISTINCT identity_id), COUNT(DISTINCT CASE WHEN crop IS NULL"
@@ -710,32 +586,8 @@ class Gallery:
         ]
 
     def _stack(self, blobs: list[bytes]) -> np.ndarray:
-        if not blobs:
-            return np.empty((0, self.embedding_size), dtype=np.float32)
-        return np.frombuffer(b"".join(blobs), dtype=np.float32).reshape(len(blobs), -1).copy()
+        return stack(blobs, self.embedding_size)
 
-
-def _per_row(values: Sequence | np.ndarray | None, n: int, what: str) -> list:
-    if values is None:
-        return [None] * n
-    values = list(values)
-    if len(values) != n:
-        raise ValueError(f"{what} has {len(values)} entries for {n} embeddings")
-    return values
-
-
-def _geometry_key(geometry: Geometry) -> str:
-    """How a kept crop's geometry is stored: its manifest form as canonical JSON."""
-    return json.dumps(geometry.to_dict(), sort_keys=True, separators=(",", ":"))
-
-
-def _geometry_label(key: str | None) -> str:
-    if key is None:
-        return "unknown geometry"
-    try:
-        return str(Geometry.from_dict(json.loads(key)))
-    except ValueError:  # json.JSONDecodeError is a ValueError
-        return key
 
 
 # A schema 1 crop's PNG header (IHDR width, height: bytes 16..23) when it is 112x112.
@@ -763,29 +615,10 @@ def _migrate(db: sqlite3.Connection, path: Path) -> None:
         db.execute(
             "UPDATE templates SET crop_geometry = ? WHERE crop IS NOT NULL"
             " AND substr(crop, 17, 8) = ?",
-            (_geometry_key(ARCFACE_112), _PNG_112),
+            (geometry_key(ARCFACE_112), _PNG_112),
         )
     if int(version) < SCHEMA_VERSION:
         db.execute(
             "UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),)
         )
 
-
-def _encode_png(crop: np.ndarray, geometry: Geometry) -> bytes:
-    crop = np.asarray(crop, dtype=np.uint8)
-    if crop.shape != (geometry.size, geometry.size, 3):
-        raise ValueError(
-            f"a kept crop must be ({geometry.size}, {geometry.size}, 3) RGB ({geometry}), "
-            f"got {crop.shape}"
-        )
-    ok, buf = cv2.imencode(".png", cv2.cvtColor(crop, cv2.COLOR_RGB2BGR))
-    if not ok:
-        raise ValueError(f"cannot encode crop of shape {crop.shape} as PNG")
-    return buf.tobytes()
-
-
-def _decode_png(blob: bytes) -> np.ndarray:
-    bgr = cv2.imdecode(np.frombuffer(blob, dtype=np.uint8), cv2.IMREAD_COLOR)
-    if bgr is None:
-        raise ValueError("a kept crop is not a readable PNG")
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)

@@ -1,0 +1,185 @@
+"""Keeping one replica's index current with the PostgreSQL gallery.
+
+The :class:`Follower` builds the index from one snapshot (recording the last change
+sequence number in that snapshot), then applies the changes after it in sequence
+order. A thread LISTENs on the gallery's channel to wake up when another replica
+commits, and reads by sequence number on every wake-up and at least every ``poll_s``
+seconds; after losing its connection it reconnects with backoff and catches up
+before it reports ready again. Applying is idempotent (a template already indexed is
+not added twice, an unknown one is not removed), so overlapping catch-ups are harmless.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import TYPE_CHECKING
+
+import psycopg
+from facegate.core.errors import FacegateError
+from facegate.gallery.pg_schema import CHANNEL
+from facegate.gallery.records import stack
+
+if TYPE_CHECKING:
+    from facegate.gallery.postgres import PostgresGallery
+
+log = logging.getLogger(__name__)
+CATCH_UP_BATCH = 5000
+MAX_BACKOFF_S = 2.0
+
+
+class GalleryUnavailable(FacegateError):
+    """The gallery database cannot be reached now; nothing was written. Retry later."""
+
+    code = "gallery_unavailable"
+    status = 503
+
+
+def unavailable(error: BaseException) -> GalleryUnavailable:
+    detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return GalleryUnavailable(
+        f"the gallery database is unavailable ({detail}); nothing was changed, retry shortly"
+    )
+
+
+class Follower:
+    """Applies the ``changes`` table to a gallery's :class:`IndexCache`, in order."""
+
+    def __init__(self, gallery: PostgresGallery, url: str, *, poll_s: float) -> None:
+        self.gallery = gallery
+        self.url = url
+        self.poll_s = poll_s
+        self.seq = 0
+        self.stale: tuple[int, int, int] = (0, 0, 0)  # templates, identities, re-embeddable
+        self._caught_up = threading.Event()
+        self._stop = threading.Event()
+        self._lock = threading.Lock()  # one catch-up or rebuild at a time
+        self._thread = threading.Thread(target=self._run, name="gallery-follower", daemon=True)
+
+    @property
+    def caught_up(self) -> bool:
+        return self._caught_up.is_set()
+
+    def start(self) -> None:
+        self.rebuild()
+        self._caught_up.set()
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=self.poll_s + 5)
+
+    def rebuild(self) -> None:
+        """Replace the index with one snapshot of the database."""
+        g = self.gallery
+        with self._lock, g._connection() as conn, conn.transaction():
+            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            (seq,) = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM changes").fetchone()
+            names = dict(conn.execute("SELECT identity_id, name FROM identities").fetchall())
+            rows = conn.execute(
+                "SELECT row_id, identity_id, template_id, embedding FROM templates"
+                " WHERE model_id = %s ORDER BY row_id",
+                (g.model_id,),
+            ).fetchall()
+            g._cache.build(
+                names,
+                [(r, i, t) for r, i, t, _ in rows],
+                stack([bytes(b) for *_, b in rows], g.embedding_size),
+            )
+            self.stale = self._count_stale(conn)
+            self.seq = seq
+        log.info("gallery index built: %d templates, change sequence %d", len(rows), seq)
+
+    def catch_up(self) -> int:
+        """Apply every committed change after ``seq``; returns how many were applied."""
+        g = self.gallery
+        applied = 0
+        rebuild = False
+        with self._lock, g._connection() as conn:
+            while True:
+                rows = conn.execute(
+                    "SELECT c.seq, c.op, c.identity_id, c.row_id, i.name, t.template_id,"
+                    " t.model_id, t.embedding FROM changes c"
+                    " LEFT JOIN identities i ON c.op = 'identity' AND i.identity_id = c.identity_id"
+                    " LEFT JOIN templates t ON c.op = 'template' AND t.row_id = c.row_id"
+                    " WHERE c.seq > %s ORDER BY c.seq LIMIT %s",
+                    (self.seq, CATCH_UP_BATCH),
+                ).fetchall()
+                if not rows:
+                    break
+                rebuild = self._apply(rows) or rebuild
+                self.seq = rows[-1][0]
+                applied += len(rows)
+            if applied:
+                self.stale = self._count_stale(conn)
+        if rebuild:
+            self.rebuild()
+        return applied
+
+    def _apply(self, rows: list[tuple]) -> bool:
+        """Apply changes in order (consecutive additions as one batch); True if the index
+        asks for a rebuild."""
+        cache, model_id = self.gallery._cache, self.gallery.model_id
+        rebuild = False
+        pending: list[tuple[int, str, str]] = []
+        vectors: list[bytes] = []
+
+        def flush() -> bool:
+            if not pending:
+                return False
+            due = cache.add(pending, stack(vectors, self.gallery.embedding_size))
+            pending.clear()
+            vectors.clear()
+            return due
+
+        for _, op, identity_id, row_id, name, template_id, template_model, embedding in rows:
+            if op == "template":
+                if template_id is not None and template_model == model_id:  # else gone or stale
+                    pending.append((row_id, identity_id, template_id))
+                    vectors.append(bytes(embedding))
+                continue
+            rebuild = flush() or rebuild
+            if op == "identity":
+                cache.set_name(identity_id, name)
+            elif op == "unidentity":
+                cache.drop_identity(identity_id)
+            elif op == "untemplate":
+                rebuild = cache.remove([row_id]) or rebuild
+        return flush() or rebuild
+
+    def _count_stale(self, conn: psycopg.Connection) -> tuple[int, int, int]:
+        g = self.gallery
+        return conn.execute(
+            "SELECT COUNT(*), COUNT(DISTINCT identity_id), COALESCE(SUM(CASE WHEN crop IS NOT NULL"
+            " AND crop_geometry = %s THEN 1 ELSE 0 END), 0) FROM templates WHERE model_id <> %s",
+            (g._geometry_key, g.model_id),
+        ).fetchone()
+
+    def _run(self) -> None:
+        """LISTEN, catch up on every notification and every ``poll_s``; reconnect on loss."""
+        backoff = 0.2
+        while not self._stop.is_set():
+            try:
+                with psycopg.connect(self.url, autocommit=True, connect_timeout=5) as conn:
+                    conn.execute(f"LISTEN {CHANNEL}")
+                    self.catch_up()  # whatever committed while we were away
+                    self._caught_up.set()
+                    backoff = 0.2
+                    while not self._stop.is_set():
+                        for _ in conn.notifies(timeout=self.poll_s, stop_after=1):
+                            pass
+                        self.catch_up()
+            except (psycopg.Error, GalleryUnavailable) as e:
+                if self._stop.is_set():
+                    return
+                if self._caught_up.is_set():
+                    log.warning("gallery follower lost the database: %s; reconnecting", e)
+                self._caught_up.clear()
+                self._stop.wait(backoff)
+                backoff = min(MAX_BACKOFF_S, backoff * 2)
+            except Exception:  # never let the follower die silently: not ready, retry
+                log.exception("gallery follower failed; retrying")
+                self._caught_up.clear()
+                self._stop.wait(MAX_BACKOFF_S)
+
