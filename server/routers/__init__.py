@@ -1,9 +1,10 @@
 """One router module per resource: verify (1:1), identities (the gallery), search (1:N),
-embed (embeddings), monitoring (consistency, health, readiness, metrics)."""
+embed (embeddings), monitoring (consistency, health, readiness, metrics), and console (the
+operator's web page at /console, which calls the /v1 routes from the browser)."""
 
 from __future__ import annotations
 
-from facegate.server.routers import embed, identities, monitoring, search, verify
+from facegate.server.routers import console, embed, identities, monitoring, search, verify
 from fastapi import FastAPI
 
 
@@ -12,6 +13,7 @@ def include_routers(app: FastAPI) -> None:
     for module in (verify, identities, search, embed, monitoring):
         app.include_router(module.router)
     app.include_router(monitoring.probes)
+    app.include_router(console.router)
 
 
 __all__ = ["include_routers"]

@@ -1,17 +1,20 @@
-"""Monitoring: threshold consistency (/v1/consistency) and the unauthenticated probes
-(/healthz, /readyz, /metrics)."""
+"""Monitoring: threshold consistency (/v1/consistency), the live scores behind it
+(/v1/consistency/live) and the unauthenticated probes (/healthz, /readyz, /metrics)."""
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from typing import Annotated, Any
 
+import numpy as np
 from facegate.gallery.consistency import consistency_report
 from facegate.server import schemas
 from facegate.server.deps import ServicesDep, SettingsDep
 from facegate.server.routers.common import v1_router
 from facegate.server.services import Services
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, Field
 
 router = v1_router(tags=["monitoring"])
 probes = APIRouter(tags=["monitoring"])
@@ -34,6 +37,65 @@ async def consistency(services: ServicesDep, settings: SettingsDep) -> dict[str,
     )
     services.metrics.set_consistency(report["opis"], report["worst"])
     return report
+
+
+class ScoreBin(BaseModel):
+    lo: float
+    hi: float
+    match: int = Field(description="decisions in [lo, hi) that were accepted")
+    no_match: int = Field(description="decisions in [lo, hi) that were rejected")
+
+
+class LiveScores(BaseModel):
+    """A histogram of the similarities of recorded live decisions, split by outcome."""
+
+    threshold: float = Field(description="the threshold decisions are made at now")
+    decisions: int = Field(description="recorded decisions (the last ones kept per identity)")
+    matches: int
+    routes: list[str] = Field(description="the routes whose decisions are recorded")
+    bins: list[ScoreBin] = Field(description="equal-width bins from the lowest score to the highest")
+
+
+def score_histogram(
+    decisions: list[tuple[float, bool]], threshold: float, bins: int
+) -> list[ScoreBin]:
+    """Equal bins over the scores and the threshold (rounded out to 0.01) so the threshold
+    always falls on the chart; the last bin is closed."""
+    if not decisions:
+        return []
+    scores = np.array([s for s, _ in decisions], dtype=np.float64)
+    accepted = np.array([a for _, a in decisions], dtype=bool)
+    lo = math.floor(min(scores.min(), threshold) * 100) / 100
+    hi = math.ceil(max(scores.max(), threshold) * 100) / 100
+    edges = np.linspace(lo, max(hi, lo + 0.01), bins + 1)
+    match, _ = np.histogram(scores[accepted], edges)
+    no_match, _ = np.histogram(scores[~accepted], edges)
+    return [
+        ScoreBin(lo=float(a), hi=float(b), match=int(m), no_match=int(n))
+        for a, b, m, n in zip(edges[:-1], edges[1:], match, no_match, strict=True)
+    ]
+
+
+@router.get(
+    "/consistency/live",
+    response_model=LiveScores,
+    summary="Histogram of live similarity scores, split by decision",
+)
+async def live_scores(
+    services: ServicesDep, bins: Annotated[int, Query(ge=1, le=200)] = 30
+) -> LiveScores:
+    """The decisions the gallery records for the consistency report's `observed` figures
+    (`POST /v1/verify/identity`: the probe's identity is known), as a histogram: where live
+    scores fall against the threshold shows whether it separates real traffic."""
+    per_identity = await services.gallery.call(lambda g: g.decisions())
+    decisions = [d for rows in per_identity.values() for d in rows]
+    return LiveScores(
+        threshold=services.threshold,
+        decisions=len(decisions),
+        matches=sum(1 for _, accepted in decisions if accepted),
+        routes=["verify_identity"],
+        bins=score_histogram(decisions, services.threshold, bins),
+    )
 
 
 # Each probe also answers HEAD (load balancers and uptime checks use it), through a
