@@ -111,12 +111,14 @@ async def healthz() -> dict[str, str]:
 @probes.get(
     "/readyz",
     response_model=schemas.Ready,
-    summary="Model, detector and gallery are loaded (503 until then)",
+    summary="Model, detector and gallery are loaded and the gallery index has caught up "
+    "with its database (503 until then, and while a PostgreSQL gallery is unreachable)",
     responses={503: {"model": schemas.Ready}},
 )
 async def readyz(request: Request) -> JSONResponse:
     services: Services | None = request.app.state.services
-    if services is None or services.gallery.gallery is None:
+    gallery = None if services is None else services.gallery.gallery
+    if services is None or gallery is None or not gallery.ready:
         return JSONResponse(schemas.Ready(ready=False).model_dump(), status_code=503)
     stats = await services.refresh_gallery_size()
     ready = schemas.Ready(
