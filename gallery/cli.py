@@ -8,7 +8,9 @@ geometry; templates without a usable crop (none kept, or kept in another geometr
 e.g. ArcFace 112 crops for a dlib-chip model) are listed with what to do: re-enrol
 those identities from their photos, or start with a fresh gallery file.
 
-Stop the server first: it holds the gallery's index in memory.
+SQLite: stop the server first (it holds the gallery's index in memory). PostgreSQL
+(``--gallery postgresql://...``): run it once, from any one machine, while the replicas
+serve; each batch reaches every replica's index through the change sequence.
 Exit status: 0 when every template is now of the bundle's model (or already was);
 1 when templates of another model remain or on an error. No torch import.
 """
@@ -16,6 +18,7 @@ Exit status: 0 when every template is now of the bundle's model (or already was)
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -31,8 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--bundle", type=Path, default=None, help="the new model bundle (default FACEGATE_BUNDLE or models/default)"
     )
     reembed.add_argument(
-        "--gallery", type=Path, default=None,
-        help="gallery SQLite file (default FACEGATE_GALLERY or var/gallery.sqlite)",
+        "--gallery", default=None,
+        help="gallery SQLite file or postgresql:// URL (default FACEGATE_GALLERY or "
+        "var/gallery.sqlite)",
     )
     reembed.add_argument(
         "--flip", action=argparse.BooleanOptionalAction, default=None,
@@ -50,20 +54,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from facegate.core.bundle import load_bundle
     from facegate.core.errors import FacegateError
-    from facegate.gallery.store import Gallery
+    from facegate.gallery.protocol import is_postgres_url, open_gallery
     from facegate.server.settings import Settings
 
     settings = Settings()  # the server's FACEGATE_* defaults: bundle, gallery, flip, runtime
     bundle_path = args.bundle or settings.bundle
-    gallery_path = args.gallery or settings.gallery
+    gallery_path = settings.gallery if args.gallery is None else Settings(gallery=args.gallery).gallery
     flip = settings.flip if args.flip is None else args.flip
     runtime = args.runtime or settings.runtime
-    if not gallery_path.is_file():
+    shown = re.sub(r"//[^/@]*@", "//", str(gallery_path))  # no credentials in the output
+    if not is_postgres_url(gallery_path) and not Path(gallery_path).is_file():
         print(f"{PROG}: no gallery file at {gallery_path}", file=sys.stderr)
         return 1
     try:
         bundle = load_bundle(bundle_path)
-        gallery = Gallery(
+        gallery = open_gallery(
             gallery_path,
             model_id=bundle.model_id,
             embedding_size=bundle.embedding_size,
@@ -75,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     with gallery:
         status = gallery.reembed_status()
         print(
-            f"gallery {gallery_path}: {status.stale} templates of {status.stale_identities} "
+            f"gallery {shown}: {status.stale} templates of {status.stale_identities} "
             f"identities are of another model than {bundle.model_id} ({bundle.geometry} crops)"
         )
         if not status.stale:

@@ -1,8 +1,10 @@
 """``facegate serve``: run the HTTP server under uvicorn.
 
 Command-line options override the ``FACEGATE_*`` environment; they are handed to the
-app (and to every worker process) through that same environment, so one code path
-reads the settings.
+app through that same environment, so one code path reads the settings. One process:
+its FAISS index is built at open and lives in the process, so a second uvicorn worker
+would never see the first one's enrolments. It scales with threads
+(``FACEGATE_CPU_WORKERS``) and with replicas.
 """
 
 from __future__ import annotations
@@ -15,12 +17,12 @@ from pathlib import Path
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bundle", type=Path, default=None, help="model bundle (default models/default)")
-    parser.add_argument("--gallery", type=Path, default=None, help="gallery SQLite file (default var/gallery.sqlite)")
+    parser.add_argument(
+        "--gallery", default=None,
+        help="gallery: SQLite file (default var/gallery.sqlite) or postgresql:// URL shared by replicas",
+    )
     parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument(
-        "--workers", type=int, default=1, help="uvicorn worker processes (only 1 is supported)"
-    )
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
@@ -34,15 +36,6 @@ def run(args: argparse.Namespace) -> int:
     if args.gallery is not None:
         os.environ["FACEGATE_GALLERY"] = str(args.gallery)
     settings = Settings()
-    if args.workers != 1:
-        # Each process would hold its own FAISS index built at open: an enrolment made
-        # through one worker would stay invisible to the others' searches.
-        print(
-            "facegate serve: --workers must be 1 (the gallery index lives in the process); "
-            "scale with FACEGATE_CPU_WORKERS threads or more replicas behind a balancer.",
-            file=sys.stderr,
-        )
-        return 2
     if not (settings.bundle / "manifest.json").is_file():
         print(
             f"facegate serve: no model bundle at {settings.bundle} (manifest.json missing).\n"
@@ -55,7 +48,6 @@ def run(args: argparse.Namespace) -> int:
         factory=True,
         host=args.host,
         port=args.port,
-        workers=args.workers,
         log_level=args.log_level,
         timeout_graceful_shutdown=10,
         # h11 explicitly: the header deadline (slowloris) lives in this subclass of its protocol

@@ -1,8 +1,8 @@
 """The long-lived parts the lifespan builds once: bundle, embedder, detector pool, gallery.
 
-The gallery is thread-safe (one writer at a time, many readers, each thread with its
-own SQLite connection), so :class:`GalleryWorker` runs its calls on a small dedicated
-pool: off the event loop, and never starved by the detector threads.
+The gallery (SQLite file or PostgreSQL URL, ``FACEGATE_GALLERY``) is thread-safe and
+its calls block (disk or network), so :class:`GalleryWorker` runs them on a small
+dedicated pool: off the event loop, and never starved by the detector threads.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import faiss
@@ -21,7 +22,8 @@ from facegate.core.bundle import Bundle, load_bundle
 from facegate.core.detect import create_detector
 from facegate.core.embed import Embedder, create_embedder
 from facegate.core.face import landmarks_for
-from facegate.gallery import Gallery
+from facegate.gallery.pg_follow import GalleryUnavailable
+from facegate.gallery.protocol import GalleryStore, is_postgres_url, open_gallery
 from facegate.server.batching import MicroBatcher
 from facegate.server.metrics import ServerMetrics
 from facegate.server.pipeline import FacePipeline
@@ -31,18 +33,18 @@ T = TypeVar("T")
 
 
 class GalleryWorker:
-    """Owns a :class:`Gallery`; ``await worker.call(fn)`` runs ``fn(gallery)`` on its pool."""
+    """Owns a :class:`GalleryStore`; ``await worker.call(fn)`` runs ``fn(gallery)`` on its pool."""
 
-    def __init__(self, opener: Callable[[], Gallery], *, workers: int = 4) -> None:
+    def __init__(self, opener: Callable[[], GalleryStore], *, workers: int = 4) -> None:
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="gallery")
         self._opener = opener
-        self.gallery: Gallery | None = None
+        self.gallery: GalleryStore | None = None
 
     async def open(self) -> None:
         loop = asyncio.get_running_loop()
         self.gallery = await loop.run_in_executor(self._executor, self._opener)
 
-    async def call(self, fn: Callable[[Gallery], T]) -> T:
+    async def call(self, fn: Callable[[GalleryStore], T]) -> T:
         gallery = self.gallery
         assert gallery is not None, "gallery is not open"
         loop = asyncio.get_running_loop()
@@ -84,7 +86,12 @@ class Services:
         return embeddings, seconds
 
     async def refresh_gallery_size(self) -> dict[str, Any]:
-        stats = await self.gallery.call(lambda g: g.stats())
+        """Gallery stats, also exported as gauges; {} while the gallery database is down
+        (a committed write must not turn into an error because its metrics refresh failed)."""
+        try:
+            stats = await self.gallery.call(lambda g: g.stats())
+        except GalleryUnavailable:
+            return {}
         self.metrics.set_gallery_size(int(stats.get("identities", 0)), int(stats.get("templates", 0)))
         return stats
 
@@ -93,7 +100,9 @@ def _detector_factory(settings: Settings, geometry: Geometry) -> Callable[[], An
     if settings.detector == "scrfd":
         return lambda: create_detector("scrfd", path=settings.detector_model)
     landmarks = landmarks_for(geometry, settings.detector_landmarks)
-    return lambda: create_detector("dlib", upsample=settings.detector_upsample, landmarks=landmarks)
+    return lambda: create_detector(
+        "dlib", upsample=settings.detector_upsample, boxes=settings.detector_boxes, landmarks=landmarks
+    )
 
 
 async def start_services(settings: Settings, metrics: ServerMetrics) -> Services:
@@ -124,17 +133,20 @@ async def start_services(settings: Settings, metrics: ServerMetrics) -> Services
     await batcher.start()
     size = bundle.geometry.size
     await batcher.embed(np.zeros((1, size, size, 3), np.uint8))  # warm the runtime
-    settings.gallery.parent.mkdir(parents=True, exist_ok=True)
+    if not is_postgres_url(settings.gallery):
+        Path(settings.gallery).parent.mkdir(parents=True, exist_ok=True)
     faiss.omp_set_num_threads(settings.faiss_threads)
     gallery = GalleryWorker(
-        lambda: Gallery(
+        lambda: open_gallery(
             settings.gallery,
             model_id=bundle.model_id,
             embedding_size=bundle.embedding_size,
             index=settings.index,
             keep_crops=settings.keep_crops,
             geometry=bundle.geometry,
-        )
+            pool_size=settings.gallery_pool_size,
+        ),
+        workers=max(1, settings.gallery_pool_size - 1),
     )
     await gallery.open()
     services = Services(settings, bundle, embedder, pipeline, batcher, gallery, metrics)

@@ -19,7 +19,14 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="FACEGATE_", extra="ignore")
 
     bundle: Path = Field(Path("models/default"), description="model bundle folder")
-    gallery: Path = Field(Path("var/gallery.sqlite"), description="gallery SQLite file")
+    gallery: Path | str = Field(
+        Path("var/gallery.sqlite"), description="gallery: a SQLite file (one process), or a "
+        "postgresql://user:password@host:port/db URL shared by replicas (docs/deploy.md)",
+    )
+    gallery_pool_size: int = Field(
+        5, ge=2, le=100, description="PostgreSQL gallery: connections per replica (gallery "
+        "threads + 1 for catching up; a LISTEN connection comes on top)",
+    )
     api_key: str | None = Field(None, description="X-API-Key required on /v1 when set")
     admin_key: str | None = Field(
         None, description="X-Admin-Key required to enrol and delete when set"
@@ -85,6 +92,14 @@ class Settings(BaseSettings):
     )
     target_far: float = Field(1e-3, gt=0, lt=1, description="FAR target of the consistency report")
     metrics_worst_n: int = Field(10, ge=0, description="identities exported as FRR/FAR gauges")
+
+    @field_validator("gallery", mode="before")
+    @classmethod
+    def _gallery_location(cls, value: object) -> object:
+        """A postgresql:// URL stays a string (a Path would fold its '//'); else a Path."""
+        if isinstance(value, str) and not value.startswith(("postgresql://", "postgres://")):
+            return Path(value)
+        return value
 
     @field_validator("cors_origins", mode="before")
     @classmethod
