@@ -51,7 +51,7 @@ class USSConfig:
     m: float = 0.1
     start_epoch: int = 1  # UniTSFace: epoch 0 fills the memory with sample-to-class alone
     weight: float = 1.0
-    variant: str = "uss"  # uss | s2s_softmax | s2s_bce
+    variant: str = "uss"  # a key of train.losses.SAMPLE_TO_SAMPLE: uss | s2s_softmax | s2s_bce
     # USS negative side (variant "uss"): "sum" over the other classes (the paper) or
     # "mean" over them (verification form), times negative_weight (lambda; see USSLoss).
     negatives: str = "sum"
@@ -89,7 +89,7 @@ class DistillConfig:
 
 @dataclass
 class LossConfig:
-    head: str = "cosface"  # cosface | arcface | softmax
+    head: str = "cosface"  # a key of train.losses.HEADS: cosface | arcface | softmax
     head_weight: float = 1.0  # multiplier of the sample-to-class loss (< 1 when distilling)
     s: float = 64.0
     margin: float = 0.4
@@ -146,12 +146,18 @@ class Config:
 
 
 _CHOICES = {
-    "loss.head": ("cosface", "arcface", "softmax"),
-    "loss.uss.variant": ("uss", "s2s_softmax", "s2s_bce"),
     "optim.name": ("sgd", "adamw"),
     "optim.schedule": ("poly", "step", "cosine"),
     "train.amp": ("auto", "on", "off"),
 }
+
+
+def choices() -> dict[str, tuple[str, ...]]:
+    """Allowed values by key; the loss names are the registry's (``train.losses``), imported
+    here rather than at module level so that config readers without torch stay without it."""
+    from facegate.train.losses import HEADS, SAMPLE_TO_SAMPLE
+
+    return {"loss.head": tuple(HEADS), "loss.uss.variant": tuple(SAMPLE_TO_SAMPLE), **_CHOICES}
 
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -241,7 +247,7 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
 def validate(cfg: Config) -> None:
     """Reject values the trainer cannot run with."""
     flat = _flatten(cfg.to_dict())
-    for key, allowed in _CHOICES.items():
+    for key, allowed in choices().items():
         if flat[key] not in allowed:
             raise ConfigError(f"{key} must be one of {', '.join(allowed)}, got {flat[key]!r}")
     positive = ("model.embedding_size", "model.width", "loss.s", "optim.lr", "train.epochs",
