@@ -27,6 +27,7 @@ from facegate.core.detect import (
     Policy,
     select_face,
 )
+from facegate.core.errors import NoFaceError
 from facegate.core.image import decode_scaled
 
 __all__ = [
@@ -39,6 +40,7 @@ __all__ = [
     "landmarks_for",
     "geometry_from_args",
     "prepare_face",
+    "prepare_faces",
     "read_geometry_file",
     "write_geometry_file",
 ]
@@ -120,6 +122,79 @@ def prepare_face(
     of the failing step (undecodable or too large image, no face, several faces under
     ``strict``). The crop is ``(size, size, 3)`` uint8 RGB.
     """
+    image, scale, faces, t_decode, t_detect = _decode_and_detect(
+        data, detector, geometry, max_bytes, max_pixels, max_detect_pixels, decode_slot
+    )
+    face = select_face(faces, policy=policy)  # type: ignore[arg-type]  # checked inside
+    t0 = time.perf_counter()
+    crop = align_face(image, face, geometry)
+    return PreparedFace(
+        face=face if scale == 1.0 else _scaled(face, 1.0 / scale),
+        faces_in_image=len(faces),
+        crop=crop,
+        timings={"decode": t_decode, "detect": t_detect, "align": time.perf_counter() - t0},
+        geometry=geometry,
+        image=image if keep_image else None,
+        scale=scale,
+    )
+
+
+def prepare_faces(
+    data: bytes,
+    detector: Detector,
+    geometry: Geometry,
+    *,
+    max_faces: int,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_detect_pixels: int | None = None,
+    decode_slot: AbstractContextManager[Any] | None = None,
+) -> list[PreparedFace]:
+    """Every face of the photo, largest first, at most ``max_faces`` of them (a crowd
+    photo must not cost a crop and an embedding per face), each cropped by ``geometry``.
+
+    The same decode, limits and errors as :func:`prepare_face` (no face: NoFaceError).
+    The first face carries the photo's decode and detect time, every face its own align
+    time, so summing the faces' timings counts each stage once.
+    """
+    if max_faces < 1:
+        raise ValueError(f"max_faces must be >= 1, got {max_faces}")
+    image, scale, faces, t_decode, t_detect = _decode_and_detect(
+        data, detector, geometry, max_bytes, max_pixels, max_detect_pixels, decode_slot
+    )
+    if not faces:
+        raise NoFaceError("no face found in the image")
+    prepared = []
+    for rank, face in enumerate(sorted(faces, key=Face.area, reverse=True)[:max_faces]):
+        t0 = time.perf_counter()
+        crop = align_face(image, face, geometry)
+        prepared.append(
+            PreparedFace(
+                face=face if scale == 1.0 else _scaled(face, 1.0 / scale),
+                faces_in_image=len(faces),
+                crop=crop,
+                timings={
+                    "decode": t_decode if rank == 0 else 0.0,
+                    "detect": t_detect if rank == 0 else 0.0,
+                    "align": time.perf_counter() - t0,
+                },
+                geometry=geometry,
+                scale=scale,
+            )
+        )
+    return prepared
+
+
+def _decode_and_detect(
+    data: bytes,
+    detector: Detector,
+    geometry: Geometry,
+    max_bytes: int,
+    max_pixels: int,
+    max_detect_pixels: int | None,
+    decode_slot: AbstractContextManager[Any] | None,
+) -> tuple[np.ndarray, float, list[Face], float, float]:
+    """The decoded image, its scale, the faces found in it, and the two steps' seconds."""
     if not isinstance(geometry, Geometry):
         raise TypeError(f"geometry must be a Geometry, got {type(geometry).__name__}")
     t0 = time.perf_counter()
@@ -132,19 +207,7 @@ def prepare_face(
     )
     t1 = time.perf_counter()
     faces = detector.detect(image)
-    face = select_face(faces, policy=policy)  # type: ignore[arg-type]  # checked inside
-    t2 = time.perf_counter()
-    crop = align_face(image, face, geometry)
-    t3 = time.perf_counter()
-    return PreparedFace(
-        face=face if scale == 1.0 else _scaled(face, 1.0 / scale),
-        faces_in_image=len(faces),
-        crop=crop,
-        timings={"decode": t1 - t0, "detect": t2 - t1, "align": t3 - t2},
-        geometry=geometry,
-        image=image if keep_image else None,
-        scale=scale,
-    )
+    return image, scale, faces, t1 - t0, time.perf_counter() - t1
 
 
 def _scaled(face: Face, factor: float) -> Face:

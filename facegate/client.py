@@ -107,10 +107,12 @@ class FacegateClient:
 
     # -- verification -----------------------------------------------------------------
 
-    def embed(self, image: ImageInput) -> EmbedResponse:
-        """The embedding of the photo's face; ``.embedding()`` is what verify and search take."""
+    def embed(self, image: ImageInput, *, all_faces: bool = False) -> EmbedResponse:
+        """The embedding of the photo's face (with ``all_faces``, of each face, largest
+        first); ``.embedding()`` is what verify and search take."""
         files = {"image": _image(image, "image")}
-        return self._call("POST", "/v1/embed", EmbedResponse, files=files)
+        data = {"all_faces": "true"} if all_faces else None
+        return self._call("POST", "/v1/embed", EmbedResponse, files=files, data=data)
 
     def verify(
         self, probe1: Probe, probe2: Probe, *, threshold: float | None = None

@@ -34,6 +34,14 @@ class RequestTooLarge(FacegateError):
     status = 413
 
 
+class IdentityHasNoTemplates(FacegateError):
+    """Every template of the identity was deleted: there is nothing to compare with (a
+    similarity would be made up, and no decision can be right)."""
+
+    code = "identity_has_no_templates"
+    status = 409
+
+
 class InvalidRequest(FacegateError):
     """A request that parsed but does not make sense (bad metadata JSON, missing image)."""
 

@@ -22,9 +22,9 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from facegate.core.align import Geometry
 from facegate.core.detect import Detector
-from facegate.core.face import PreparedFace, prepare_face
+from facegate.core.face import PreparedFace, prepare_face, prepare_faces
 
-__all__ = ["FacePipeline", "PreparedFace", "map_large_allocations", "prepare_face"]
+__all__ = ["FacePipeline", "PreparedFace", "map_large_allocations"]
 
 # mallopt's parameter number for the mmap threshold (glibc's malloc.h).
 _M_MMAP_THRESHOLD = -3
@@ -79,21 +79,28 @@ class FacePipeline:
             detector = self._local.detector = self._make_detector()
         return detector
 
+    def _limits(self) -> dict:
+        return {
+            "max_bytes": self.max_bytes,
+            "max_pixels": self.max_pixels,
+            "max_detect_pixels": self.max_detect_pixels,
+            "decode_slot": self._heavy_decodes,
+        }
+
     def _prepare(self, data: bytes, policy: str) -> PreparedFace:
-        return prepare_face(
-            data,
-            self._detector(),
-            self.geometry,
-            policy=policy,
-            max_bytes=self.max_bytes,
-            max_pixels=self.max_pixels,
-            max_detect_pixels=self.max_detect_pixels,
-            decode_slot=self._heavy_decodes,
-        )
+        return prepare_face(data, self._detector(), self.geometry, policy=policy, **self._limits())
+
+    def _prepare_every_face(self, data: bytes, max_faces: int) -> list[PreparedFace]:
+        return prepare_faces(data, self._detector(), self.geometry, max_faces=max_faces, **self._limits())
 
     async def prepare(self, data: bytes, *, policy: str | None = None) -> PreparedFace:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, self._prepare, data, policy or self.policy)
+
+    async def prepare_every_face(self, data: bytes, *, max_faces: int) -> list[PreparedFace]:
+        """Each face of the photo, largest first, ``max_faces`` at most (``prepare_faces``)."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._prepare_every_face, data, max_faces)
 
     async def warm_up(self) -> None:
         """Create a detector and run it once, so the first request does not pay for it."""

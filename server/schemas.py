@@ -32,7 +32,7 @@ class FaceInfo(BaseModel):
     box: list[float] = Field(description="x1, y1, x2, y2 in image pixels", examples=[[52.0, 61.0, 148.0, 157.0]])
     score: float = Field(description="detector confidence")
     landmarks: list[list[float]] = Field(description="5 points (x, y): eyes, nose, mouth corners")
-    faces_in_image: int = Field(description="faces the detector found; the largest was used")
+    faces_in_image: int = Field(description="faces the detector found in the photo")
 
 
 class Timings(BaseModel):

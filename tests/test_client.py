@@ -88,3 +88,10 @@ def test_embeddings_round_trip(server, celeba_index):
             fg.search(foreign)
         assert (mismatch.value.status, mismatch.value.code) == (409, "model_mismatch")
         assert fg.delete_identity("emb").deleted
+
+
+def test_embed_all_faces(server, insightface_group_photo):
+    with FacegateClient(server, api_key="k") as fg:
+        every = fg.embed(insightface_group_photo, all_faces=True)
+        assert len(every.faces) == 6 and every.embedding(5).model_id == every.model_id
+        assert len(fg.embed(insightface_group_photo).faces) == 1

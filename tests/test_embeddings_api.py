@@ -247,3 +247,42 @@ def test_openapi_documents_the_embeddings_api(api):
         assert set(embedding_schema["properties"]) == {"model_id", "vector"}
         assert "409" in operation["responses"]
     assert "#/$defs" not in json.dumps(spec)  # every $ref resolves within the document
+
+
+def test_embed_all_faces_embeds_each_face_largest_first(api, insightface_group_photo):
+    """The 6-face group photo: six distinct unit vectors, largest face first, the first the
+    same as the single-face answer (the default policy takes the largest)."""
+    photo = insightface_group_photo.read_bytes()
+    response = api.post("/v1/embed", files={"image": photo}, data={"all_faces": "true"}, headers=API)
+    assert response.status_code == 200, response.text
+    faces = response.json()["faces"]
+    assert len(faces) == 6 and all(f["faces_in_image"] == 6 for f in faces)
+    areas = [(f["box"][2] - f["box"][0]) * (f["box"][3] - f["box"][1]) for f in faces]
+    assert areas == sorted(areas, reverse=True)
+    vectors = np.array([f["embedding"] for f in faces])
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    similarity = vectors @ vectors.T
+    threshold = load_bundle(default_bundle(), verify=False).threshold
+    assert similarity[~np.eye(6, dtype=bool)].max() < threshold  # six different people
+    single = api.post("/v1/embed", files={"image": photo}, headers=API).json()["faces"]
+    assert len(single) == 1 and single[0]["box"] == faces[0]["box"]
+    assert np.dot(single[0]["embedding"], vectors[0]) == pytest.approx(1.0, abs=1e-5)
+    no_face = api.post("/v1/embed", files={"image": blank_png()}, data={"all_faces": "true"}, headers=API)
+    assert_error(no_face, 422, "no_face")
+
+
+def test_prepare_faces_keeps_the_largest_and_counts_each_stage_once(insightface_group_photo):
+    from facegate.core.align import DLIB_CHIP_150
+    from facegate.core.detect import DlibDetector
+    from facegate.core.face import prepare_faces
+
+    photo = insightface_group_photo.read_bytes()
+    detector = DlibDetector(landmarks="5")
+    every = prepare_faces(photo, detector, DLIB_CHIP_150, max_faces=16)
+    first_two = prepare_faces(photo, detector, DLIB_CHIP_150, max_faces=2)
+    assert len(every) == 6 and len(first_two) == 2
+    assert [p.face.box for p in first_two] == [p.face.box for p in every[:2]]
+    assert all(p.crop.shape == (150, 150, 3) for p in every)
+    assert every[0].timings["detect"] > 0 and all(p.timings["detect"] == 0 for p in every[1:])
+    with pytest.raises(ValueError):
+        prepare_faces(photo, detector, DLIB_CHIP_150, max_faces=0)

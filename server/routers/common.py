@@ -73,6 +73,18 @@ async def prepare(
     return prepared
 
 
+async def prepare_every_face(
+    services: Services, data: bytes, label: str, *, max_faces: int
+) -> list[PreparedFace]:
+    """Each face of one image, largest first; errors name the image they are about."""
+    try:
+        prepared = await services.pipeline.prepare_every_face(data, max_faces=max_faces)
+    except FacegateError as exc:
+        raise type(exc)(f"{label}: {exc.message}") from exc
+    services.metrics.observe_stages(sum_timings(prepared))
+    return prepared
+
+
 async def prepare_all(
     services: Services, images: Sequence[tuple[str, bytes]], *, policy: str | None = None
 ) -> list[PreparedFace | FacegateError]:

@@ -1,217 +1,65 @@
-"""Embeddings: ``POST /v1/embed`` turns a photo into the served model's embedding, and
-verify and search take such an embedding in place of a photo, so an integrator can keep
-photos out of this service.
-
-An embedding travels with the id of the model that made it (``schemas.Embedding``):
-vectors of different models are not comparable, so a foreign one is refused (409
-``model_mismatch``) instead of yielding a meaningless similarity. Also here: what the
-routes that take a photo or an embedding (a *probe*) share: reading a JSON or multipart
-body, and turning probes into unit vectors.
+"""Embeddings: ``POST /v1/embed`` turns a photo into the served model's embeddings, so an
+integrator can keep photos out of this service: verify and search take such an
+embedding in place of a photo (``routers.probes``), refused with 409 when another model
+made it.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Annotated, Any, TypeVar
+from typing import Annotated
 
 import numpy as np
-from facegate.core.errors import FacegateError, ImageDecodeError, ModelMismatch
 from facegate.server import schemas
 from facegate.server.deps import ServicesDep
-from facegate.server.errors import InvalidRequest, UnsupportedBody
-from facegate.server.pipeline import PreparedFace
-from facegate.server.routers.common import ms, prepare_all, sum_timings, v1_router
-from facegate.server.services import Services
-from fastapi import File, Request, UploadFile
-from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel, ValidationError
-from starlette.datastructures import UploadFile as StarletteUploadFile
-
-M = TypeVar("M", bound=BaseModel)
-Probe = bytes | schemas.Embedding  # a photo file's bytes, or a client's embedding
+from facegate.server.routers.common import ms, prepare_every_face, sum_timings, v1_router
+from facegate.server.routers.probes import embed_probes
+from fastapi import File, Form, UploadFile
 
 router = v1_router(tags=["embeddings"])
-
-
-@dataclass(frozen=True)
-class EmbeddedProbes:
-    vectors: np.ndarray  # (n, D) float32 unit rows, in the probes' order
-    faces: list[schemas.FaceInfo | None]  # None where the probe was an embedding
-    timings_ms: dict[str, float]  # decode, detect, align (summed over photos) and embed
-
-
-def unit_vector(services: Services, embedding: schemas.Embedding, label: str) -> np.ndarray:
-    """``embedding`` as a unit float32 vector: 409 when another model made it, 422 for a
-    wrong length or a zero vector (non-finite values already fail the schema)."""
-    served = services.bundle.model_id
-    if embedding.model_id != served:
-        raise ModelMismatch(
-            f"{label}: made by model {embedding.model_id!r}, but this server compares "
-            f"{served!r} embeddings; embed the photo again with POST /v1/embed"
-        )
-    vector = np.asarray(embedding.vector, np.float64)
-    size = services.bundle.embedding_size
-    if vector.shape != (size,):
-        raise InvalidRequest(f"{label}: the vector has {vector.size} values; {served} makes {size}")
-    peak = np.abs(vector).max()
-    if peak == 0:
-        raise InvalidRequest(f"{label}: the vector has zero norm")
-    vector /= peak  # scaled first, so the squares neither overflow nor underflow
-    return (vector / np.linalg.norm(vector)).astype(np.float32)
-
-
-async def embed_probes(services: Services, probes: Sequence[tuple[str, Probe]]) -> EmbeddedProbes:
-    """Unit vectors of ``(label, probe)`` pairs. Sent embeddings are checked first, so a bad
-    one costs no detection; the photos are prepared concurrently and embedded in one batch."""
-    vectors: list[np.ndarray | None] = [
-        unit_vector(services, p, label) if isinstance(p, schemas.Embedding) else None
-        for label, p in probes
-    ]
-    photos = [(i, label, p) for i, (label, p) in enumerate(probes) if isinstance(p, bytes)]
-    results = await prepare_all(services, [(label, data) for _, label, data in photos])
-    failures = [r for r in results if isinstance(r, FacegateError)]
-    if failures:
-        raise failures[0]
-    prepared: list[PreparedFace] = results  # type: ignore[assignment]
-    faces: list[schemas.FaceInfo | None] = [None] * len(probes)
-    embed_s = 0.0
-    if prepared:
-        embeddings, embed_s = await services.embed(np.stack([p.crop for p in prepared]))
-        for (i, _, _), face, embedding in zip(photos, prepared, embeddings, strict=True):
-            vectors[i] = embedding
-            faces[i] = schemas.FaceInfo(**face.face_dict())
-    timings = {stage: ms(s) for stage, s in sum_timings(prepared).items()}
-    return EmbeddedProbes(np.stack(vectors), faces, {**timings, "embed": ms(embed_s)})
-
-
-def _decode_b64(value: str, label: str) -> bytes:
-    try:
-        return base64.b64decode(value, validate=True)
-    except (binascii.Error, ValueError):
-        raise ImageDecodeError(f"{label}: not valid base64") from None
-
-
-def json_probe(
-    image_b64: str | None, embedding: schemas.Embedding | None, side: str = ""
-) -> tuple[str, Probe]:
-    """The labelled probe of a JSON body (whose validator demands exactly one of the two)."""
-    if image_b64 is not None:
-        return f"image{side}", _decode_b64(image_b64, f"image{side}")
-    assert embedding is not None
-    return f"embedding{side}", embedding
-
-
-def _validated(model: type[M], data: bytes | dict[str, Any]) -> M:
-    """``model`` from JSON bytes or form values; errors are the usual 422 validation_error."""
-    try:
-        if isinstance(data, bytes):
-            return model.model_validate_json(data)
-        return model.model_validate(data)
-    except ValidationError as exc:
-        raise RequestValidationError(exc.errors()) from None
-
-
-FormFields = dict[str, bytes | str]  # a multipart body: file fields as bytes, the others as text
-
-
-async def json_or_form(request: Request, model: type[M]) -> M | FormFields:
-    """The body as ``model`` (JSON) or as its multipart fields; 415 for any other type.
-    The uploads are read and their spooled files closed here."""
-    content_type = request.headers.get("content-type", "")
-    if content_type.startswith("application/json"):
-        return _validated(model, await request.body())
-    if content_type.startswith("multipart/form-data"):
-        async with request.form() as form:
-            return {
-                name: await value.read() if isinstance(value, StarletteUploadFile) else value
-                for name, value in form.multi_items()
-            }
-    raise UnsupportedBody("send multipart/form-data or application/json")
-
-
-def form_options(form: FormFields, model: type[M]) -> M:
-    """``model`` from the form's fields of its names (an empty field counts as absent), so a
-    multipart option obeys the same rules as its JSON twin."""
-    values = {name: form[name] for name in model.model_fields if form.get(name) not in (None, "")}
-    return _validated(model, values)
-
-
-def form_image(form: FormFields, field: str) -> bytes:
-    image = form.get(field)
-    if not isinstance(image, bytes):
-        raise InvalidRequest(f"multipart field {field!r} must be an image file")
-    return image
-
-
-def conflicts(*cases: str) -> dict[int | str, dict[str, Any]]:
-    """The documented 409 answers of a route."""
-    return {409: {"model": schemas.ErrorResponse, "description": "; ".join(cases)}}
-
-
-def _inline_refs(schema: dict[str, Any]) -> dict[str, Any]:
-    """``schema`` with its ``$defs`` inlined: inside an OpenAPI document a ``$ref`` resolves
-    from the document's root, where pydantic's ``#/$defs/...`` would not be found."""
-    defs = schema.pop("$defs", {})
-
-    def resolve(node: Any) -> Any:
-        if isinstance(node, dict):
-            if "$ref" in node:
-                return resolve(defs[node["$ref"].rsplit("/", 1)[-1]])
-            return {key: resolve(value) for key, value in node.items()}
-        if isinstance(node, list):
-            return [resolve(value) for value in node]
-        return node
-
-    return resolve(schema)
-
-
-def request_body_openapi(
-    files: Sequence[str], options: type[BaseModel], json_model: type[BaseModel]
-) -> dict[str, Any]:
-    """``openapi_extra`` for a route that reads its body itself: multipart (``files`` plus
-    the fields of ``options``) or JSON (``json_model``, with its examples)."""
-    fields = options.model_json_schema()
-    multipart = {
-        "type": "object",
-        "required": [*files, *fields.get("required", [])],
-        "properties": {
-            **{name: {"type": "string", "format": "binary"} for name in files},
-            **fields["properties"],
-        },
-    }
-    return {
-        "requestBody": {
-            "required": True,
-            "content": {
-                "multipart/form-data": {"schema": multipart},
-                "application/json": {"schema": _inline_refs(json_model.model_json_schema())},
-            },
-        }
-    }
 
 
 @router.post(
     "/embed",
     response_model=schemas.EmbedResponse,
-    summary="The embedding of the face in a photo",
+    summary="The embeddings of the faces in a photo",
 )
 async def embed(
-    services: ServicesDep, image: Annotated[UploadFile, File(description="a photo")]
+    services: ServicesDep,
+    image: Annotated[UploadFile, File(description="a photo")],
+    all_faces: Annotated[
+        bool,
+        Form(
+            description="every face (the largest FACEGATE_MAX_FACES_PER_IMAGE, largest first) "
+            "instead of the one the face policy selects"
+        ),
+    ] = False,
 ) -> schemas.EmbedResponse:
     """The face the server's face policy selects (the largest, or with
-    `FACEGATE_FACE_POLICY=strict` the only one), embedded by the served model. Send the
-    vector back with `model_id` to verify or search without sending the photo."""
+    `FACEGATE_FACE_POLICY=strict` the only one), embedded by the served model; with
+    `all_faces=true`, each face of the photo, largest first (`faces_in_image` says how many
+    were found when more than the limit). Send a vector back with `model_id` to verify or
+    search without sending the photo."""
     start = time.perf_counter()
-    embedded = await embed_probes(services, [("image", await image.read())])
-    face = embedded.faces[0]
-    assert face is not None  # a photo probe always has its face
+    data = await image.read()
+    if all_faces:
+        prepared = await prepare_every_face(
+            services, data, "image", max_faces=services.settings.max_faces_per_image
+        )
+        vectors, embed_s = await services.embed(np.stack([p.crop for p in prepared]))
+        faces = [schemas.FaceInfo(**p.face_dict()) for p in prepared]
+        timings = {stage: ms(s) for stage, s in sum_timings(prepared).items()}
+        timings["embed"] = ms(embed_s)
+    else:
+        embedded = await embed_probes(services, [("image", data)])
+        vectors, faces, timings = embedded.vectors, embedded.faces, embedded.timings_ms
     return schemas.EmbedResponse(
         model_id=services.bundle.model_id,
         embedding_size=services.bundle.embedding_size,
-        faces=[schemas.EmbeddedFace(**face.model_dump(), embedding=embedded.vectors[0].tolist())],
-        timings_ms=schemas.Timings(**embedded.timings_ms, total=ms(time.perf_counter() - start)),
+        faces=[
+            schemas.EmbeddedFace(**face.model_dump(), embedding=vector.tolist())
+            for face, vector in zip(faces, vectors, strict=True)
+            if face is not None
+        ],
+        timings_ms=schemas.Timings(**timings, total=ms(time.perf_counter() - start)),
     )

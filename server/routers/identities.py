@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 import numpy as np
@@ -54,10 +55,26 @@ async def _prepare_uploads(
     ]
 
 
-async def _embed_accepted(
-    services: Services, images: Sequence[UploadFile], results: list[PreparedFace | FacegateError]
-) -> tuple[list[schemas.ImageResult], list[PreparedFace], np.ndarray]:
-    """Per-image outcome, the accepted faces and their embeddings; 422 if none is usable."""
+@dataclass
+class _NewTemplates:
+    """What an enrolment's photos gave: each photo's outcome, and the accepted faces'
+    embeddings with what the store keeps beside them (source file, detector score, crop)."""
+
+    report: list[schemas.ImageResult]
+    embeddings: np.ndarray
+    stored: dict[str, Any]
+
+    def attach(self, template_ids: Sequence[str]) -> None:
+        """Name each accepted photo's new template in the report."""
+        ids = iter(template_ids)
+        for item in self.report:
+            if item.accepted:
+                item.template_id = next(ids)
+
+
+async def _templates_from(services: Services, images: Sequence[UploadFile]) -> _NewTemplates:
+    """Prepare and embed the uploads by the enrolment policy; 422 if none is usable."""
+    results = await _prepare_uploads(services, images)
     accepted = [r for r in results if isinstance(r, PreparedFace)]
     report = [
         schemas.ImageResult(
@@ -75,25 +92,12 @@ async def _embed_accepted(
         reasons = "; ".join(r.message for r in results if isinstance(r, FacegateError))
         raise NoUsableImage(f"no usable image: {reasons}")
     embeddings, _ = await services.embed(np.stack([p.crop for p in accepted]))
-    return report, accepted, embeddings
-
-
-def _attach_templates(report: list[schemas.ImageResult], template_ids: Sequence[str]) -> None:
-    ids = iter(template_ids)
-    for item in report:
-        if item.accepted:
-            item.template_id = next(ids)
-
-
-def _template_kwargs(
-    services: Services, images: Sequence[UploadFile], results: list, accepted: list[PreparedFace]
-) -> dict[str, Any]:
-    sources = [u.filename for u, r in zip(images, results, strict=True) if isinstance(r, PreparedFace)]
-    return {
-        "sources": sources,
+    stored = {
+        "sources": [item.filename for item in report if item.accepted],
         "scores": [p.face.score for p in accepted],
         "crops": np.stack([p.crop for p in accepted]) if services.settings.keep_crops else None,
     }
+    return _NewTemplates(report, embeddings, stored)
 
 
 def _check_identity_id(identity_id: str | None) -> None:
@@ -135,15 +139,15 @@ async def enrol(
     )
     if identity_id is not None and await services.gallery.call(lambda g: _exists(g, identity_id)):
         raise DuplicateIdentity(f"identity {identity_id!r} already exists")
-    results = await _prepare_uploads(services, images)
-    report, accepted, embeddings = await _embed_accepted(services, images, results)
-    kwargs = _template_kwargs(services, images, results, accepted)
+    new = await _templates_from(services, images)
     identity = await services.gallery.call(
-        lambda g: g.create_identity(identity_id, name=name, metadata=meta, embeddings=embeddings, **kwargs)
+        lambda g: g.create_identity(
+            identity_id, name=name, metadata=meta, embeddings=new.embeddings, **new.stored
+        )
     )
-    _attach_templates(report, [t.template_id for t in identity.templates])
+    new.attach([t.template_id for t in identity.templates])
     await services.refresh_gallery_size()
-    return schemas.EnrolResponse(identity=identity_info(identity), images=report)
+    return schemas.EnrolResponse(identity=identity_info(identity), images=new.report)
 
 
 @router.post(
@@ -159,14 +163,14 @@ async def add_templates(
     images: Annotated[list[UploadFile], File(description="one or more photos")],
 ) -> schemas.EnrolResponse:
     await services.gallery.call(lambda g: g.get_identity(identity_id))  # 404 before work
-    results = await _prepare_uploads(services, images)
-    report, accepted, embeddings = await _embed_accepted(services, images, results)
-    kwargs = _template_kwargs(services, images, results, accepted)
-    templates = await services.gallery.call(lambda g: g.add_templates(identity_id, embeddings, **kwargs))
-    _attach_templates(report, [t.template_id for t in templates])
+    new = await _templates_from(services, images)
+    templates = await services.gallery.call(
+        lambda g: g.add_templates(identity_id, new.embeddings, **new.stored)
+    )
+    new.attach([t.template_id for t in templates])
     identity = await services.gallery.call(lambda g: g.get_identity(identity_id))
     await services.refresh_gallery_size()
-    return schemas.EnrolResponse(identity=identity_info(identity), images=report)
+    return schemas.EnrolResponse(identity=identity_info(identity), images=new.report)
 
 
 @router.get("", response_model=schemas.IdentityList, summary="List enrolled identities (paginated)")

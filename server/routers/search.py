@@ -1,14 +1,14 @@
 """1:N search: who in the gallery is this (``POST /v1/search``)? The probe is a photo or an
-embedding (see ``routers.embed``)."""
+embedding (see ``routers.probes``)."""
 
 from __future__ import annotations
 
 import time
 
-from facegate.server import schemas
+from facegate.server import decisions, schemas
 from facegate.server.deps import ServicesDep
 from facegate.server.routers.common import ms, v1_router
-from facegate.server.routers.embed import (
+from facegate.server.routers.probes import (
     Probe,
     conflicts,
     embed_probes,
@@ -53,24 +53,12 @@ async def search(request: Request, services: ServicesDep) -> schemas.SearchRespo
     hits = await services.gallery.call(lambda g: g.search(embedded.vectors[0], k))
     search_s = time.perf_counter() - t0
     services.metrics.stage.labels("search").observe(search_s)
-    threshold = services.threshold
-    candidates = [
-        schemas.Candidate(
-            identity_id=h.identity_id,
-            name=h.name,
-            similarity=h.similarity,
-            match=h.similarity >= threshold,
-        )
-        for h in hits
-    ]
-    best = candidates[0] if candidates and candidates[0].match else None
-    if candidates:
-        services.metrics.observe_decision("search", candidates[0].similarity, best is not None)
+    candidates, best = decisions.rank_candidates(services, hits)
     return schemas.SearchResponse(
         decision="match" if best else "no_match",
         match=best,
         candidates=candidates,
-        threshold=threshold,
+        threshold=services.threshold,
         face=embedded.faces[0],
         timings_ms={
             **embedded.timings_ms,

@@ -1,17 +1,14 @@
 """1:1 verification: two probes (``POST /v1/verify``), or one against an enrolled identity
-(``POST /v1/verify/identity``). A probe is a photo or an embedding (see ``routers.embed``)."""
+(``POST /v1/verify/identity``). A probe is a photo or an embedding (see ``routers.probes``)."""
 
 from __future__ import annotations
 
 import time
 
-import numpy as np
-from facegate.core.errors import FacegateError, ModelMismatch
-from facegate.server import schemas
-from facegate.server.deps import ServicesDep, SettingsDep
-from facegate.server.errors import ThresholdOverrideForbidden
+from facegate.server import decisions, schemas
+from facegate.server.deps import ServicesDep
 from facegate.server.routers.common import ms, v1_router
-from facegate.server.routers.embed import (
+from facegate.server.routers.probes import (
     Probe,
     conflicts,
     embed_probes,
@@ -21,35 +18,9 @@ from facegate.server.routers.embed import (
     json_probe,
     request_body_openapi,
 )
-from facegate.server.services import Services
 from fastapi import Request
 
 router = v1_router(tags=["verify"])
-
-
-class IdentityHasNoTemplates(FacegateError):
-    """Every template of the identity was deleted: there is nothing to compare with (a
-    similarity would be made up, and no decision can be right)."""
-
-    code = "identity_has_no_templates"
-    status = 409
-
-
-async def _templates(services: Services, identity_id: str) -> np.ndarray:
-    """The identity's template embeddings; 409 when none can be compared with a probe."""
-    templates = await services.gallery.call(lambda g: g.identity_embeddings(identity_id))
-    if len(templates):
-        return templates
-    identity = await services.gallery.call(lambda g: g.get_identity(identity_id))
-    if identity.templates:  # all of them made by another model
-        raise ModelMismatch(
-            f"identity {identity_id!r} has {len(identity.templates)} templates of another model; "
-            "re-embed them (facegate gallery reembed) or re-enrol the identity"
-        )
-    raise IdentityHasNoTemplates(
-        f"identity {identity_id!r} has no templates; add photos with "
-        f"POST /v1/identities/{identity_id}/templates"
-    )
 
 
 async def _verify_inputs(request: Request) -> tuple[list[tuple[str, Probe]], float | None]:
@@ -83,9 +54,7 @@ async def _identity_inputs(request: Request) -> tuple[str, tuple[str, Probe]]:
         ("image1", "image2"), schemas.ThresholdOption, schemas.VerifyJSON
     ),
 )
-async def verify(
-    request: Request, services: ServicesDep, settings: SettingsDep
-) -> schemas.VerifyResponse:
+async def verify(request: Request, services: ServicesDep) -> schemas.VerifyResponse:
     """Multipart (files `image1`, `image2`) or JSON (per side `image<n>_b64` or
     `embedding<n>`, e.g. an embedding stored instead of a photo).
 
@@ -95,19 +64,14 @@ async def verify(
     """
     start = time.perf_counter()
     probes, override = await _verify_inputs(request)
-    if override is not None and not settings.allow_threshold_override:
-        raise ThresholdOverrideForbidden("this server does not allow threshold overrides")
+    decisions.check_override(services, override)
     embedded = await embed_probes(services, probes)
-    similarity = float(np.dot(embedded.vectors[0], embedded.vectors[1]))
-    threshold = services.threshold if override is None else override
-    source = services.threshold_source if override is None else "request"
-    match = similarity >= threshold
-    services.metrics.observe_decision("verify", similarity, match)
+    decision = decisions.verify_pair(services, embedded.vectors, override)
     return schemas.VerifyResponse(
-        match=match,
-        similarity=similarity,
-        threshold=threshold,
-        threshold_source=source,
+        match=decision.match,
+        similarity=decision.similarity,
+        threshold=decision.threshold,
+        threshold_source=decision.threshold_source,
         faces=embedded.faces,
         timings_ms=schemas.Timings(**embedded.timings_ms, total=ms(time.perf_counter() - start)),
     )
@@ -136,28 +100,22 @@ async def verify_identity(
     or `embedding`).
 
     Similarity is the max over the identity's templates: one bad template (blur,
-    profile) cannot drag a genuine probe below the threshold, whereas the mean would
-    (the mean is steadier against one lucky impostor match, at the cost of FRR).
+    profile) cannot drag a genuine probe below the threshold, whereas the mean would.
     The decision is recorded for the consistency monitor."""
     start = time.perf_counter()
     identity_id, probe = await _identity_inputs(request)
-    templates = await _templates(services, identity_id)
+    templates = await decisions.identity_templates(services, identity_id)
     embedded = await embed_probes(services, [probe])
-    sims = templates @ embedded.vectors[0]
-    similarity = float(sims.max())
-    threshold = services.threshold
-    match = similarity >= threshold
-    await services.gallery.call(
-        lambda g: g.record_decision(identity_id, similarity, match, "verify_identity")
+    decision, similarities = await decisions.verify_identity(
+        services, identity_id, templates, embedded.vectors[0]
     )
-    services.metrics.observe_decision("verify_identity", similarity, match)
     return schemas.VerifyIdentityResponse(
-        match=match,
+        match=decision.match,
         identity_id=identity_id,
-        similarity=similarity,
-        similarities=[float(s) for s in sims],
-        threshold=threshold,
-        threshold_source=services.threshold_source,
+        similarity=decision.similarity,
+        similarities=[float(s) for s in similarities],
+        threshold=decision.threshold,
+        threshold_source=decision.threshold_source,
         face=embedded.faces[0],
         timings_ms={**embedded.timings_ms, "total": ms(time.perf_counter() - start)},
     )
