@@ -1,84 +1,17 @@
-"""A real, throwaway PostgreSQL server for the shared-gallery tests.
-
-One cluster per test process (initdb in a temp dir, `pg_ctl start` on a free port on
-127.0.0.1, stopped at exit), one fresh database per test. PostgreSQL refuses to run as
-root, so as root the cluster belongs to the `postgres` user and every server command
-runs through `runuser`. No server binary: the tests skip, saying how to install one.
-"""
+"""One real, throwaway PostgreSQL server per test process (bench/pg_cluster.py), started
+on first use and removed at exit; one fresh database per test. Without a server binary
+the tests skip, saying how to install one."""
 
 from __future__ import annotations
 
 import atexit
-import glob
-import os
-import shutil
-import subprocess
-import tempfile
-import uuid
+import sys
 from pathlib import Path
 
-import psycopg
 import pytest
-from server_support import free_port
 
-INSTALL_HINT = (
-    "no PostgreSQL server binary (/usr/lib/postgresql/*/bin/postgres); "
-    "`make test` installs it (scripts/system-deps/20-postgresql.sh) or: apt-get install postgresql"
-)
-
-
-def _bin_dir() -> Path | None:
-    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/postgres"), key=lambda p: int(p.split("/")[4]))
-    return Path(found[-1]).parent if found else None
-
-
-class Cluster:
-    """initdb'd data directory + running server; ``url(db)`` for a database on it."""
-
-    def __init__(self) -> None:
-        bin_dir = _bin_dir()
-        if bin_dir is None:
-            pytest.skip(INSTALL_HINT)
-        self.bin = bin_dir
-        self.root = Path(tempfile.mkdtemp(prefix="facegate-pg-"))
-        self.data = self.root / "data"
-        self.log = self.root / "postgres.log"
-        self.port = free_port()
-        self._as_root = os.geteuid() == 0
-        if self._as_root:
-            shutil.chown(self.root, "postgres", "postgres")
-        self._run("initdb", "-D", str(self.data), "-U", "postgres", "-A", "trust", "--no-sync",
-                  "-E", "UTF8")
-        self.start()
-        atexit.register(self.stop)
-
-    def _run(self, tool: str, *args: str) -> None:
-        command = [str(self.bin / tool), *args]
-        if self._as_root:
-            command = ["runuser", "-u", "postgres", "--", *command]
-        subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                       cwd=self.root)
-
-    def start(self) -> None:
-        options = (f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 "
-                   "-c max_connections=200")
-        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-o", options, "-w",
-                  "start")
-
-    def stop(self, mode: str = "fast") -> None:
-        if (self.data / "postmaster.pid").exists():
-            self._run("pg_ctl", "-D", str(self.data), "-m", mode, "-w", "stop")
-
-    def url(self, database: str = "postgres") -> str:
-        return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
-
-    def create_database(self) -> str:
-        """A fresh empty database; returns its URL."""
-        name = f"gallery_{uuid.uuid4().hex[:12]}"
-        with psycopg.connect(self.url(), autocommit=True) as conn:
-            conn.execute(f"CREATE DATABASE {name}")
-        return self.url(name)
-
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `bench` is a top-level folder
+from bench.pg_cluster import INSTALL_HINT, Cluster, server_bin_dir  # noqa: E402
 
 _cluster: Cluster | None = None
 
@@ -87,5 +20,8 @@ def cluster() -> Cluster:
     """The process's one cluster, started on first use."""
     global _cluster
     if _cluster is None:
+        if server_bin_dir() is None:
+            pytest.skip(INSTALL_HINT)
         _cluster = Cluster()
+        atexit.register(_cluster.remove)
     return _cluster
