@@ -16,8 +16,9 @@ from facegate.core.face import read_geometry_file
 from facegate.train.backbones import geometry_of, get_backbone
 from facegate.train.config import ConfigError, OptimConfig, load_config
 from facegate.train.data import CropFolder
+from facegate.train.optimizer import build_optimizer, learning_rate, lr_multiplier
 from facegate.train.prepare import prepare
-from facegate.train.trainer import CHECKPOINT, build_optimizer, learning_rate, lr_multiplier, train
+from facegate.train.trainer import CHECKPOINT, train
 
 IDENTITIES = 8
 PHOTOS = 4
