@@ -331,3 +331,14 @@ def test_finetune_dlib_port_trains_fc_only_and_stays_close(chips_root, tmp_path)
     a, b = raw_embeddings(tuned, chip)[0], raw_embeddings(port, chip)[0]
     cosine = float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
     assert 0.9 < cosine < 1.0, cosine
+
+def test_amp_on_requires_a_gpu():
+    """train.amp: auto trains in fp32 where there is no GPU; on refuses to (it is not auto)."""
+    from facegate.train.runtime import amp_dtype
+
+    cpu = torch.device("cpu")
+    assert amp_dtype("auto", cpu) is None and amp_dtype("off", cpu) is None
+    with pytest.raises(ConfigError, match="train.amp on needs a CUDA device"):
+        amp_dtype("on", cpu)
+    with pytest.raises(ConfigError, match="train.amp"):
+        load_config(None, ["train.amp=maybe"])

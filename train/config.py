@@ -118,7 +118,7 @@ class TrainConfig:
     epochs: int = 10
     p: int = 16  # identities per batch
     k: int = 4  # samples per identity
-    amp: str = "auto"  # auto (bf16/fp16 on GPU only) | on | off
+    amp: str = "auto"  # auto (bf16/fp16 on GPU, fp32 on CPU) | on (GPU required) | off
     log_every: int = 10
     eval_every: int = 1
 

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from facegate.train.config import ConfigError
 
 
 @dataclass(frozen=True)
@@ -98,7 +99,16 @@ def gather_batch(embeddings: torch.Tensor, labels: torch.Tensor,
 
 
 def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """bf16 (or fp16 where bf16 is unsupported) on GPU when ``train.amp`` enables it; never on CPU."""
-    if device.type != "cuda" or amp == "off":
+    """The autocast dtype of ``train.amp``: bf16, or fp16 where bf16 is unsupported, on GPU.
+
+    ``auto`` uses it where there is one and trains in fp32 on CPU; ``on`` requires it and
+    refuses a CPU device instead of silently training in fp32; ``off`` never uses it.
+    """
+    if amp == "off":
+        return None
+    if device.type != "cuda":
+        if amp == "on":
+            raise ConfigError(f"train.amp on needs a CUDA device, this run is on {device.type} "
+                              "(auto: mixed precision where there is a GPU, fp32 elsewhere)")
         return None
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
