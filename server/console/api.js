@@ -106,6 +106,11 @@ export function showError(box, error) {
   box.append(el("p", { class: "muted small" }, `Server said: ${detail}`));
 }
 
+// Replace a box's content; null and false children are left out.
+export function fill(box, ...children) {
+  box.replaceChildren(...children.filter((c) => c != null && c !== false));
+}
+
 // A small element builder: el("p", {class: "x"}, "text", child...).
 export function el(tag, attrs = {}, ...children) {
   const node = document.createElement(tag);

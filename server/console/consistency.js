@@ -1,7 +1,7 @@
 // Consistency: GET /v1/consistency (OPIS, per-identity FRR/FAR and own thresholds) and
 // GET /v1/consistency/live (live scores by decision), drawn as HTML bar charts.
 
-import { call, el, fmt, showError } from "./api.js";
+import { call, el, fill, fmt, showError } from "./api.js";
 
 const $ = (id) => document.getElementById(id);
 const SHOWN = 25;
@@ -61,8 +61,13 @@ function rateChart(rows) {
       el("span", { class: "chart-value small" }, `${fmt.pct(r.frr)} / ${fmt.pct(r.far)}`))));
 }
 
-function thresholdChart(rows, t) {
+function thresholdChart(rows, t, targetFar) {
   const owns = rows.map((r) => r.own_threshold).filter((v) => v != null);
+  if (!owns.length) {
+    return el("figure", { class: "chart", id: "chart-thresholds" },
+      el("figcaption", {}, "Each identity's own threshold against t"),
+      el("p", { class: "muted" }, `No identity has enough impostor pairs yet to place its own threshold at FAR ${fmt.pct(targetFar)}: that takes ${Math.ceil(1 / targetFar)} pairs. Enrol more people (or set a larger FACEGATE_TARGET_FAR).`));
+  }
   const lo = Math.floor((Math.min(t, ...owns) - 0.02) * 50) / 50;
   const hi = Math.ceil((Math.max(t, ...owns) + 0.02) * 50) / 50;
   const tLine = () => {
@@ -147,9 +152,9 @@ async function load() {
     const rows = ranked(report);
     const shown = rows.slice(0, SHOWN);
     const more = rows.length > SHOWN ? el("p", { class: "muted small" }, `The ${SHOWN} worst of ${rows.length} identities are charted; the table lists all.`) : null;
-    $("consistency-result").replaceChildren(
+    fill($("consistency-result"),
       summary(report),
-      rows.length ? el("div", { class: "charts" }, rateChart(shown), thresholdChart(shown, report.threshold)) : el("p", {}, "Enrol identities (two or more photos each) to see the report."),
+      rows.length ? el("div", { class: "charts" }, rateChart(shown), thresholdChart(shown, report.threshold, report.target_far)) : el("p", {}, "Enrol identities (two or more photos each) to see the report."),
       more,
       rows.length ? worstTable(rows, report) : null,
       histogram(live));

@@ -1,6 +1,6 @@
 // Enrol and browse: POST /v1/identities (admin key), GET /v1/identities, DELETE /v1/identities/{id}.
 
-import { call, el, explain, fmt, showError } from "./api.js";
+import { call, el, explain, fill, fmt, showError } from "./api.js";
 import { enableDrop } from "./widgets.js";
 
 const $ = (id) => document.getElementById(id);
@@ -45,7 +45,7 @@ async function enrol(event) {
   try {
     const result = await call("POST", "/v1/identities", { form, admin: true });
     const accepted = result.images.filter((i) => i.accepted).length;
-    $("enrol-result").replaceChildren(
+    fill($("enrol-result"),
       el("p", { class: "decision ok" },
         `Enrolled ${result.identity.identity_id}: ${accepted} of ${result.images.length} photos accepted`),
       photoReport(result.images, files));

@@ -34,8 +34,12 @@ function initTabs() {
       showTab(tabs[(next + tabs.length) % tabs.length], true);
     });
   }
-  const initial = $(`tab-${location.hash.slice(1)}`);
-  if (initial) showTab(initial);
+  const fromHash = () => {
+    const tab = $(`tab-${location.hash.slice(1)}`);
+    if (tab && tab.getAttribute("aria-selected") !== "true") showTab(tab);
+  };
+  window.addEventListener("hashchange", fromHash);
+  fromHash();
 }
 
 function showKeyState() {

@@ -1,6 +1,6 @@
 // Search: one photo in, the k best enrolled identities out (POST /v1/search).
 
-import { call, el, fmt, showError } from "./api.js";
+import { call, el, fill, fmt, showError } from "./api.js";
 import { drawPhoto, loadImage, scoreBar } from "./draw.js";
 import { enableDrop } from "./widgets.js";
 
@@ -27,7 +27,7 @@ function render(result) {
     el("thead", {}, el("tr", {}, ...["#", "Identity", "Name", "Similarity", "Against the threshold", "Decision"]
       .map((h) => el("th", { scope: "col" }, h)))),
     el("tbody", {}, ...result.candidates.map((c, i) => candidateRow(c, i + 1, result.threshold))));
-  $("search-result").replaceChildren(
+  fill($("search-result"),
     el("p", { class: `decision ${best ? "ok" : "bad"}`, id: "search-decision" }, headline),
     el("div", { class: "scroll" }, table),
     el("p", { class: "muted small" }, `Took ${fmt.ms(result.timings_ms.total)} in all.`));

@@ -1,6 +1,6 @@
 // Verify: two photos (POST /v1/verify) or a photo and an enrolled identity (POST /v1/verify/identity).
 
-import { call, el, fmt, showError } from "./api.js";
+import { call, el, fill, fmt, showError } from "./api.js";
 import { drawCrop, drawPhoto, loadImage, scoreBar } from "./draw.js";
 import { enableDrop, listIdentityOptions } from "./widgets.js";
 
@@ -49,7 +49,7 @@ function render(result, sides) {
     ? el("p", { class: "muted small" },
       `Best of ${result.similarities.length} templates: ${result.similarities.map(fmt.sim).join(", ")}`)
     : null;
-  box.replaceChildren(
+  fill(box,
     el("p", { class: `decision ${matched ? "ok" : "bad"}`, id: "verify-decision" },
       matched ? "Match" : "No match"),
     el("p", {}, `Similarity ${fmt.sim(result.similarity)} ${matched ? "≥" : "<"} threshold ${fmt.sim(result.threshold)} `,
