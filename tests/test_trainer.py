@@ -342,3 +342,35 @@ def test_amp_on_requires_a_gpu():
         amp_dtype("on", cpu)
     with pytest.raises(ConfigError, match="train.amp"):
         load_config(None, ["train.amp=maybe"])
+
+def test_train_reads_a_recordio_pack(crops_root, tmp_path, capsys):
+    """`facegate train` with data.format recordio: the same crops written by the test as an
+    insightface pack (lossless PNG, labels in the folder's identity order) give the same
+    split and the same first step as the crop folder."""
+    from facegate.train.recordio import write_insightface_pack
+
+    from facegate.cli import main
+
+    folder = CropFolder(crops_root)
+    pack = tmp_path / "pack"
+    pack.mkdir()
+    write_insightface_pack(pack / "train", folder.load(workers=1), folder.labels, ext=".png")
+    from_folder = train(tiny_config(crops_root), tmp_path / "folder", max_steps=1, progress=False)
+    config = Path(__file__).parents[1] / "configs" / "cosface.yaml"
+    overrides = [f"data.root={pack}", "data.format=recordio", "data.holdout=2",
+                 "model.width=0.125", "model.embedding_size=32", "train.p=4", "train.k=2",
+                 "train.epochs=2", "train.log_every=1", "optim.warmup_epochs=0"]
+    argv = ["train", str(config), "--out", str(tmp_path / "packed"), "--max-steps", "1", "--quiet"]
+    assert main(argv + [a for o in overrides for a in ("--set", o)]) == 0
+    assert "step 1" in capsys.readouterr().out
+    from_pack = json.loads((tmp_path / "packed" / "summary.json").read_text())
+    for key in ("train_identities", "train_crops", "test_identities", "test_crops", "step"):
+        assert from_pack[key] == from_folder[key], key
+    assert from_pack["test_identities"] == 2
+    first = [r for r in read_log(tmp_path / "folder") if r["kind"] == "step"]
+    packed = [r for r in read_log(tmp_path / "packed") if r["kind"] == "step"]
+    assert packed[0]["loss"] == pytest.approx(first[0]["loss"], rel=1e-6)
+    with pytest.raises(ConfigError, match="data.format folder"):
+        train(tiny_config(pack, "data.format=recordio", "loss.distill.enabled=true",
+                          f"data.teacher={crops_root / 'teacher_dlib.npz'}"),
+              tmp_path / "teacher", progress=False)

@@ -28,7 +28,8 @@ class ConfigError(FacegateError):
 
 @dataclass
 class DataConfig:
-    root: str = "data/celeba-crops"  # prepared crops folder (`facegate prepare`)
+    root: str = "data/celeba-crops"  # prepared crops folder (`facegate prepare`), or a pack's
+    format: str = "folder"  # folder (identity sub-folders of crops) | recordio (root/train.rec)
     holdout: int = 0  # identities held out for validation (0 = train on all)
     split_seed: int = 0
     teacher: str | None = None  # .npz of teacher embeddings keyed by crop path
@@ -146,6 +147,7 @@ class Config:
 
 
 _CHOICES = {
+    "data.format": ("folder", "recordio"),
     "optim.name": ("sgd", "adamw"),
     "optim.schedule": ("poly", "step", "cosine"),
     "train.amp": ("auto", "on", "off"),

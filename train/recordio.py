@@ -2,7 +2,8 @@
 
 The public face-recognition training sets (MS1MV2/V3, Glint360K, WebFace, ...) are
 distributed as mxnet ``MXIndexedRecordIO`` packs. mxnet is unmaintained and heavy,
-and the format is small, so it is implemented here.
+and the format is small, so it is implemented here. ``facegate train`` reads a pack with
+``data.format: recordio`` (``train.split``).
 
 File layout (dmlc recordio): each record is ``uint32 magic 0xced7230a``,
 ``uint32 lrec`` (upper 3 bits a continuation flag, lower 29 bits the length), the

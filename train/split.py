@@ -1,8 +1,10 @@
-"""The crops a run trains and validates on, in memory as uint8: a crop folder split by
-identity (seeded) into training and held-out identities.
+"""The crops a run trains and validates on, in memory as uint8: a crop folder or a RecordIO pack,
+split by identity (seeded) into training and held-out identities.
 
-It reads ``facegate prepare``'s ``<identity>/<stem>.png`` layout (with its
-``geometry.json`` and optional teacher vectors); the crops must be the backbone's geometry.
+``data.format: folder`` reads ``facegate prepare``'s ``<identity>/<stem>.png`` layout (with
+its ``geometry.json`` and optional teacher vectors); ``data.format: recordio`` reads an
+insightface pack, ``data.root/train.rec`` + ``train.idx`` (identities are its integer
+labels). Either way the crops must be the backbone's geometry.
 """
 
 from __future__ import annotations
@@ -16,7 +18,11 @@ from facegate.core.face import read_geometry_file
 from facegate.train import data as train_data
 from facegate.train.backbones import geometry_of, get_backbone
 from facegate.train.config import Config, ConfigError
+from facegate.train.recordio import RecordIODataset, RecordIOError
 from torch import nn
+from tqdm import tqdm
+
+RECORDIO_PREFIX = "train"  # insightface's pack name: data.root/train.rec and train.idx
 
 
 @dataclass
@@ -26,7 +32,7 @@ class Crops:
     identities: list[str]
     labels: np.ndarray
     images: np.ndarray  # (N, S, S, 3) uint8 RGB
-    relative_paths: list[str]  # crop paths in the folder (teacher keys)
+    relative_paths: list[str] | None  # crop paths in the folder (teacher keys); None for packs
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -58,8 +64,11 @@ def load_split(cfg: Config, progress: bool) -> Split:
     if not root.is_dir():
         backbone = get_backbone(cfg.model.backbone, cfg.model.embedding_size, width=cfg.model.width)
         geometry = as_geometry(geometry_of(backbone))
-        raise ConfigError(f"data.root {cfg.data.root} does not exist: make it with "
-                          f"{prepare_command(cfg, geometry)}")
+        made_by = ("an insightface pack (train.rec, train.idx)" if cfg.data.format == "recordio"
+                   else prepare_command(cfg, geometry))
+        raise ConfigError(f"data.root {cfg.data.root} does not exist: make it with {made_by}")
+    if cfg.data.format == "recordio":
+        return _split_pack(cfg, progress)
     try:
         everything = train_data.CropFolder(root)
         train_ids, test_ids = train_data.split_identities(
@@ -77,9 +86,38 @@ def load_split(cfg: Config, progress: bool) -> Split:
                  test=folder_crops(test_ids) if test_ids else None)
 
 
+def _split_pack(cfg: Config, progress: bool) -> Split:
+    """Decode every image of ``data.root/train.rec`` and split its labels as identities."""
+    if cfg.data.teacher is not None:
+        raise ConfigError("data.teacher (vectors keyed by crop path) needs data.format folder")
+    prefix = Path(cfg.data.root) / RECORDIO_PREFIX
+    try:
+        pack = RecordIODataset(prefix)
+        labels = pack.labels()
+        images = np.stack([image for image, _ in tqdm(pack, total=len(pack), desc="load pack",
+                                                      disable=not progress)])
+        names = np.asarray([str(label) for label in labels])
+        train_ids, test_ids = train_data.split_identities(names, cfg.data.holdout,
+                                                          cfg.data.split_seed)
+    except (OSError, RecordIOError, ValueError) as err:
+        raise ConfigError(f"data: {prefix}.rec/.idx: {err}") from err
+    if images.ndim != 4 or images.shape[1] != images.shape[2]:
+        raise ConfigError(f"data: {prefix}.rec holds images of shape {images.shape[1:]}, "
+                          "not square crops of one size")
+
+    def pack_crops(identities: list[str]) -> Crops:
+        keep = np.isin(names, identities)
+        label_of = {name: label for label, name in enumerate(identities)}
+        return Crops(identities, np.asarray([label_of[n] for n in names[keep]], dtype=np.int64),
+                     images[keep], None)
+
+    return Split(train=pack_crops(train_ids), test=pack_crops(test_ids) if test_ids else None)
+
+
 def check_geometry(cfg: Config, backbone: nn.Module, crop_side: int) -> None:
     """Refuse crops made for another model: the geometry ``facegate prepare`` recorded
-    (geometry.json) or, for folders from before it, the crop size, must be the backbone's."""
+    (geometry.json) or, for folders from before it and for packs, the crop size, must be
+    the backbone's."""
     expected = as_geometry(geometry_of(backbone))
     recorded = read_geometry_file(Path(cfg.data.root))
     if recorded is not None and recorded != expected:
