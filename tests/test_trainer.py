@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from facegate.core.align import ARCFACE_112, as_geometry
 from facegate.core.face import read_geometry_file
 from facegate.train.backbones import geometry_of, get_backbone
@@ -135,6 +136,23 @@ def test_shipped_configs_load(config):
 
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
+def test_shipped_configs_are_deltas_over_the_defaults(config):
+    """A recipe sets only what differs from the documented defaults (train/config.py)."""
+    defaults = load_config(None).to_dict()
+
+    def same_as_default(node: dict, default: dict, prefix: str) -> list[str]:
+        found = []
+        for key, value in node.items():
+            if isinstance(value, dict) and isinstance(default[key], dict) and default[key]:
+                found += same_as_default(value, default[key], f"{prefix}{key}.")
+            elif value == default[key]:
+                found.append(prefix + key)
+        return found
+
+    assert same_as_default(yaml.safe_load(config.read_text()), defaults, "") == []
 # The shared photos prepared once per crop geometry (each config's header gives the command).
 SHARED_CROPS = {"arcface_template": "data/celeba-crops", "dlib_chip": "data/celeba-chips"}
 
@@ -332,6 +350,7 @@ def test_finetune_dlib_port_trains_fc_only_and_stays_close(chips_root, tmp_path)
     cosine = float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
     assert 0.9 < cosine < 1.0, cosine
 
+
 def test_amp_on_requires_a_gpu():
     """train.amp: auto trains in fp32 where there is no GPU; on refuses to (it is not auto)."""
     from facegate.train.runtime import amp_dtype
@@ -342,6 +361,7 @@ def test_amp_on_requires_a_gpu():
         amp_dtype("on", cpu)
     with pytest.raises(ConfigError, match="train.amp"):
         load_config(None, ["train.amp=maybe"])
+
 
 def test_train_reads_a_recordio_pack(crops_root, tmp_path, capsys):
     """`facegate train` with data.format recordio: the same crops written by the test as an
