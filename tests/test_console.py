@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -42,9 +43,16 @@ def photo(celeba_root: Path, name: str) -> Path:
     return celeba_root / "images" / name
 
 
+@dataclass
+class Server:
+    base: str
+    live: list[bool]  # outcomes of the verify/identity calls made over HTTP
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, celeba_index):
-    """A live server with keys and OTHERS people (7203 first) enrolled over HTTP."""
+    """A live server with keys, OTHERS people (7203 first) enrolled over HTTP, and live
+    traffic: each one's fourth photo verified against itself and against the next person."""
     gallery = tmp_path_factory.mktemp("console-gallery") / "gallery.sqlite"
     port = free_port()
     proc = start_server(
@@ -53,17 +61,27 @@ def server(tmp_path_factory, celeba_index):
              "FACEGATE_TARGET_FAR": TARGET_FAR},
     )
     base = f"http://127.0.0.1:{port}"
-    others = {who: paths[:3] for who, paths in people(celeba_index).items() if who != "7202"}
+    others = {who: paths for who, paths in people(celeba_index).items() if who != "7202"}
     others = dict(list(others.items())[:OTHERS])
     assert "7203" in others and "7204" in others
     headers = {"X-API-Key": API_KEY, "X-Admin-Key": ADMIN_KEY}
     try:
         for identity, paths in others.items():
-            files = [("images", (p.name, p.read_bytes(), "image/jpeg")) for p in paths]
+            files = [("images", (p.name, p.read_bytes(), "image/jpeg")) for p in paths[:3]]
             r = httpx.post(f"{base}/v1/identities", data={"identity_id": identity, "name": f"Person {identity}"},
                            files=files, headers=headers, timeout=WAIT_S)
             assert r.status_code == 201, r.text
-        yield base
+        live = []
+        ids = list(others)
+        for i, (identity, paths) in enumerate(others.items()):
+            for target in (identity, ids[(i + 1) % len(ids)]):
+                r = httpx.post(f"{base}/v1/verify/identity", data={"identity_id": target},
+                               files={"image": (paths[3].name, paths[3].read_bytes(), "image/jpeg")},
+                               headers=headers, timeout=WAIT_S)
+                if r.status_code == 200:  # a fourth photo without a face records nothing
+                    live.append(r.json()["match"])
+        assert len(live) >= OTHERS
+        yield Server(base, live)
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -153,7 +171,7 @@ class Page:
 
 @pytest.fixture(scope="module")
 def page(browser, server, shots) -> Page:
-    return Page(browser, server, shots)
+    return Page(browser, server.base, shots)
 
 
 def test_verify_same_person_shows_match_with_faces_and_crops(page, celeba_root):
@@ -249,7 +267,7 @@ def test_verify_against_an_enrolled_identity(page, celeba_root):
     assert "Best of 3 templates" in page.text("#verify-result")
 
 
-def test_consistency_view_charts_every_identity(page):
+def test_consistency_view_charts_every_identity(page, server):
     page.open("consistency")
     page.visible("#chart-rates")
     for chart in ("#chart-rates", "#chart-thresholds"):
@@ -261,9 +279,12 @@ def test_consistency_view_charts_every_identity(page):
     assert all(r.find_elements(page.by.CSS_SELECTOR, "td")[-1].text for r in rows)
     summary = page.text("#consistency-result .summary")
     assert "Unified threshold t" in summary and "0.915" in summary and "OPIS" in summary
-    live = page.text("#chart-live")
-    assert "(1 recorded)" in live
-    assert len(page.all("#chart-live .hist-part.match")) == 1
+    # The fixture's live decisions plus the browser's one match against 7202.
+    assert f"({len(server.live) + 1} recorded)" in page.text("#chart-live")
+    matches, rejections = server.live.count(True) + 1, server.live.count(False)
+    label = page.find("#chart-live .hist").get_attribute("aria-label")
+    assert label.startswith(f"{matches} matches and {rejections} rejections")
+    assert page.all("#chart-live .hist-part.match") and page.all("#chart-live .hist-part.no-match")
     page.screenshot("consistency")
 
 
@@ -301,6 +322,8 @@ def test_works_at_phone_width(page, celeba_root):
         page.upload("#verify-image2", photo(celeba_root, SAME[1]))
         page.click("#verify-submit")
         assert page.text("#verify-decision") == "Match"
+        assert page.d.execute_script(
+            "return document.documentElement.scrollWidth - document.documentElement.clientWidth") <= 0
         page.screenshot("phone")
     finally:
         page.d.set_window_size(1280, 900)

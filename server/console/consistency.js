@@ -14,12 +14,14 @@ function bar(cls, value, scale, label) {
   return node;
 }
 
-// Worst first: the largest distance between the identity's own threshold and t.
+// Worst first: the most errors at t (FRR + FAR), then the own threshold highest above t
+// (look-alikes closest to passing). A large gap below t is a margin, not a problem.
 function ranked(report) {
-  const gap = (r) => (r.threshold_gap == null ? -1 : Math.abs(r.threshold_gap));
+  const errors = (r) => (r.frr ?? 0) + (r.far ?? 0);
+  const gap = (r) => r.threshold_gap ?? -Infinity;
   return Object.entries(report.per_identity)
     .map(([id, r]) => ({ id, ...r }))
-    .sort((a, b) => gap(b) - gap(a) || (b.frr ?? 0) + (b.far ?? 0) - (a.frr ?? 0) - (a.far ?? 0));
+    .sort((a, b) => errors(b) - errors(a) || gap(b) - gap(a) || a.id.localeCompare(b.id));
 }
 
 // What an operator can do about one identity, from where its threshold sits against t.
@@ -98,7 +100,7 @@ function thresholdChart(rows, t, targetFar) {
 function worstTable(rows, report) {
   const head = ["Identity", "Own pairs", "FRR", "FAR", "Own threshold", "Gap to t", "Live decisions", "What to do"];
   return el("div", { class: "scroll" }, el("table", { id: "consistency-table" },
-    el("caption", {}, "Identities, worst first"),
+    el("caption", {}, "Identities, worst first (most errors at t, then own threshold highest above t)"),
     el("thead", {}, el("tr", {}, ...head.map((h) => el("th", { scope: "col" }, h)))),
     el("tbody", {}, ...rows.map((r) => el("tr", { "data-identity": r.id },
       el("th", { scope: "row" }, r.id),
@@ -132,13 +134,14 @@ function histogram(live) {
     }
     return col;
   });
-  const tLine = el("div", { class: "t-line", title: `threshold ${fmt.sim(live.threshold)}` });
+  const tLine = el("div", { class: "t-line", title: `threshold ${fmt.sim(live.threshold)}` },
+    el("span", { class: "t-label" }, `t = ${fmt.sim(live.threshold)}`));
   tLine.style.left = pos(live.threshold, lo, hi);
   figure.append(
     el("div", { class: "hist", role: "img",
       "aria-label": `${live.matches} matches and ${live.decisions - live.matches} rejections between ${lo.toFixed(2)} and ${hi.toFixed(2)}, threshold ${fmt.sim(live.threshold)}` },
     ...columns, tLine),
-    el("div", { class: "axis" }, el("span", {}, lo.toFixed(2)), el("span", {}, `t = ${fmt.sim(live.threshold)}`), el("span", {}, hi.toFixed(2))));
+    el("div", { class: "axis" }, el("span", {}, lo.toFixed(2)), el("span", {}, "similarity"), el("span", {}, hi.toFixed(2))));
   return figure;
 }
 
