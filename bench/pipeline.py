@@ -49,12 +49,11 @@ def dlib_model_file(name: str) -> Path:
 
 def facegate_stages(bundle_path: Path) -> Stages:
     from facegate.core.bundle import load_bundle
-    from facegate.core.detect import DlibDetector
     from facegate.core.embed import create_embedder
-    from facegate.core.face import landmarks_for, prepare_face
+    from facegate.core.face import make_detector, prepare_face
 
     bundle = load_bundle(bundle_path)
-    detector = DlibDetector(landmarks=landmarks_for(bundle.geometry))  # as the server
+    detector = make_detector(bundle.geometry)  # as the server
     # flip on, as the server embeds by default
     embedder = create_embedder(bundle, runtime="onnxruntime-cpu", flip=True)
 

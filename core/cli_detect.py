@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import cv2
-from facegate.core.detect import LANDMARK_MODELS, DlibDetector
+from facegate.core.detect import BOX_FINDERS, LANDMARK_MODELS, DlibDetector
 from facegate.core.draw import draw_faces
 from facegate.core.errors import FacegateError
 from facegate.core.image import decode
@@ -19,7 +19,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("image", type=Path, help="JPEG, PNG, WebP or BMP file")
     parser.add_argument("--out", type=Path, help="write an annotated PNG here")
     parser.add_argument("--upsample", type=int, default=1, help="dlib upsampling passes (finds smaller faces, slower)")
-    parser.add_argument("--cnn-fallback", action="store_true", help="try dlib's CNN detector when HOG finds nothing")
+    parser.add_argument(
+        "--boxes",
+        choices=BOX_FINDERS,
+        default="hog",
+        help="HOG, dlib's MMOD CNN (ONNX Runtime), or HOG at each upsampling step and the CNN "
+        "where HOG finds nothing (the server's default)",
+    )
     parser.add_argument(
         "--landmarks",
         choices=sorted(LANDMARK_MODELS),
@@ -34,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     except FacegateError as e:
         print(json.dumps({"error": {"code": e.code, "message": e.message}}), file=sys.stderr)
         return 2
-    detector = DlibDetector(upsample=args.upsample, cnn_fallback=args.cnn_fallback, landmarks=args.landmarks)
+    detector = DlibDetector(upsample=args.upsample, boxes=args.boxes, landmarks=args.landmarks)
     start = time.perf_counter()
     faces = detector.detect(image)
     elapsed_ms = (time.perf_counter() - start) * 1000

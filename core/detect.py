@@ -37,6 +37,10 @@ from facegate.core.errors import MultipleFacesError, NoFaceError
 Box = tuple[float, float, float, float]
 Policy = Literal["largest", "strict"]
 Landmarks = Literal["5", "68"]
+BoxFinder = Literal["hog", "mmod", "hog+mmod"]
+BOX_FINDERS: tuple[BoxFinder, ...] = ("hog", "mmod", "hog+mmod")
+# The MMOD CNN's input (after upsampling) is kept under this many pixels; see mmod_upsample.
+MMOD_MAX_PIXELS = 2_000_000
 LANDMARK_MODELS: dict[str, str] = {
     "5": "shape_predictor_5_face_landmarks.dat",  # public domain (Davis King's own annotations)
     "68": "shape_predictor_68_face_landmarks.dat",  # trained on iBUG 300-W: no commercial use
@@ -111,18 +115,17 @@ def dlib_model_file(name: str) -> Path:
 
 
 class _DlibModels:
-    """dlib models loaded once per process, on first use.
+    """Models loaded once per process, on first use.
 
-    Shape predictors (5-point ~9 MB, 68-point ~100 MB) are shared; dlib documents object detectors as
-    unsafe for concurrent use, so each thread gets its own HOG detector (cheap to
-    build) and the CNN detector is used under a lock.
+    Shape predictors (5-point ~9 MB, 68-point ~100 MB) and the MMOD network's ONNX Runtime
+    session (whose ``run`` is thread-safe) are shared; dlib documents object detectors as
+    unsafe for concurrent use, so each thread gets its own HOG detector (cheap to build).
     """
 
     _lock = threading.Lock()
     _predictors: dict[str, Any] = {}
-    _cnn: Any = None
+    _mmod: Any = None
     _local = threading.local()
-    cnn_lock = threading.Lock()
 
     @classmethod
     def predictor(cls, landmarks: str = "5") -> Any:
@@ -147,19 +150,28 @@ class _DlibModels:
         return detector
 
     @classmethod
-    def cnn(cls) -> Any:
-        if cls._cnn is None:
+    def mmod(cls) -> Any:
+        if cls._mmod is None:
             with cls._lock:
-                if cls._cnn is None:
-                    import dlib
+                if cls._mmod is None:
+                    from facegate.core.mmod import MmodDetector, mmod_onnx
 
-                    path = dlib_model_file("mmod_human_face_detector.dat")
-                    cls._cnn = dlib.cnn_face_detection_model_v1(str(path))
-        return cls._cnn
+                    cls._mmod = MmodDetector(mmod_onnx())
+        return cls._mmod
 
 
 class DlibDetector:
-    """dlib HOG detector + dlib's 5-point (default) or 68-point shape predictor.
+    """dlib's face detectors (HOG, the MMOD CNN, or HOG with the CNN as fallback) + dlib's
+    5-point (default) or 68-point shape predictor.
+
+    ``boxes="hog"``: the HOG frontal detector at ``upsample``. ``"mmod"``: dlib's MMOD CNN
+    (``mmod_human_face_detector.dat``, public domain) run by ONNX Runtime
+    (``facegate.core.mmod``: the boxes of ``dlib.cnn_face_detection_model_v1``, 7-9x
+    faster). ``"hog+mmod"``: HOG at upsampling 0, then 1, ... up to ``upsample``, stopping
+    at the first step that finds a face, then the CNN at ``upsample`` for photos where HOG
+    found none. On the 5,221 shared CelebA photos this finds a face in 99.9% of them
+    (HOG at 1: 95.7%) in less time than HOG at 1 alone, because most photos stop at
+    upsampling 0 (docs/mmod.md).
 
     ``landmarks="5"``: ``shape_predictor_5_face_landmarks.dat`` (public domain); ``dlib5`` are its
     parts and ``landmarks`` the ArcFace five derived from them (approximate nose tip and
@@ -167,16 +179,15 @@ class DlibDetector:
     (trained on iBUG 300-W, whose licence excludes commercial use); ``landmarks`` from
     ``five_points_from_68`` and ``dlib5`` the 68 points 45, 42, 36, 39, 33.
     Images whose longer side exceeds `max_side` are downscaled for the box search
-    (HOG time grows with pixels); landmarks are then fitted on the full-resolution
-    image inside the mapped-back box. Scores are the HOG SVM margin (or the mmod
-    CNN confidence for fallback detections), not probabilities. Faces are sorted
-    largest first.
+    (detection time grows with pixels); landmarks are then fitted on the full-resolution
+    image inside the mapped-back box. Scores are the HOG SVM margin or the CNN's
+    confidence, not probabilities. Faces are sorted largest first.
     """
 
     def __init__(
         self,
         upsample: int = 1,
-        cnn_fallback: bool = False,
+        boxes: BoxFinder = "hog",
         max_side: int = 1024,
         landmarks: Landmarks = "5",
     ) -> None:
@@ -184,17 +195,17 @@ class DlibDetector:
             raise ValueError("upsample must be >= 0 and max_side >= 64")
         if landmarks not in LANDMARK_MODELS:
             raise ValueError(f"landmarks must be one of {sorted(LANDMARK_MODELS)}, got {landmarks!r}")
+        if boxes not in BOX_FINDERS:
+            raise ValueError(f"boxes must be one of {list(BOX_FINDERS)}, got {boxes!r}")
         self.landmarks = landmarks
         self.upsample = upsample
-        self.cnn_fallback = cnn_fallback
+        self.boxes = boxes
         self.max_side = max_side
 
     def detect(self, image: np.ndarray) -> list[Face]:
         image = _check_image(image)
         small, scale = _downscale(image, self.max_side)
-        boxes = self._hog_boxes(small)
-        if not boxes and self.cnn_fallback:
-            boxes = self._cnn_boxes(small)
+        boxes = self._find_boxes(small)
         predictor = _DlibModels.predictor(self.landmarks)
         import dlib
 
@@ -212,24 +223,37 @@ class DlibDetector:
         faces.sort(key=Face.area, reverse=True)
         return faces
 
-    def _hog_boxes(self, image: np.ndarray) -> list[tuple[Box, float]]:
-        rects, scores, _ = _DlibModels.hog().run(image, self.upsample, 0.0)
+    def _find_boxes(self, image: np.ndarray) -> list[tuple[Box, float]]:
+        if self.boxes == "hog":
+            return self._hog_boxes(image, self.upsample)
+        if self.boxes == "hog+mmod":
+            for upsample in range(self.upsample + 1):
+                found = self._hog_boxes(image, upsample)
+                if found:
+                    return found
+        return self._mmod_boxes(image, mmod_upsample(image.shape, self.upsample))
+
+    @staticmethod
+    def _hog_boxes(image: np.ndarray, upsample: int) -> list[tuple[Box, float]]:
+        rects, scores, _ = _DlibModels.hog().run(image, upsample, 0.0)
         return [
             ((float(r.left()), float(r.top()), float(r.right()), float(r.bottom())), float(s))
             for r, s in zip(rects, scores, strict=True)
         ]
 
-    def _cnn_boxes(self, image: np.ndarray) -> list[tuple[Box, float]]:
-        model = _DlibModels.cnn()
-        with _DlibModels.cnn_lock:
-            found = model(image, self.upsample)
-        out = []
-        for d in found:
-            r = d.rect
-            out.append(
-                ((float(r.left()), float(r.top()), float(r.right()), float(r.bottom())), float(d.confidence))
-            )
-        return out
+    @staticmethod
+    def _mmod_boxes(image: np.ndarray, upsample: int) -> list[tuple[Box, float]]:
+        return [((x1, y1, x2, y2), score) for x1, y1, x2, y2, score in _DlibModels.mmod().detect(image, upsample)]
+
+
+def mmod_upsample(shape: tuple[int, ...], upsample: int) -> int:
+    """``upsample``, or fewer steps where the doubled image would exceed ``MMOD_MAX_PIXELS``:
+    the CNN's time and memory grow with its input's pixels, and a photo that large holds
+    faces big enough to find without upsampling."""
+    h, w = shape[:2]
+    while upsample > 0 and h * w * 4**upsample > MMOD_MAX_PIXELS:
+        upsample -= 1
+    return upsample
 
 
 def _check_image(image: np.ndarray) -> np.ndarray:
@@ -263,8 +287,8 @@ def select_face(faces: list[Face], policy: Policy = "largest") -> Face:
 
 
 def create_detector(name: str = "dlib", **options: Any) -> Detector:
-    """Build a detector by name: "dlib" (options as DlibDetector, e.g. landmarks="5"|"68")
-    or "scrfd" (path=... required)."""
+    """Build a detector by name: "dlib" (options as DlibDetector, e.g. boxes="hog+mmod",
+    landmarks="5"|"68") or "scrfd" (path=... required)."""
     if name == "dlib":
         return DlibDetector(**options)
     if name == "scrfd":

@@ -75,8 +75,9 @@ def landmarks_for(geometry: Geometry, choice: str = "auto") -> Landmarks:
 
 
 def make_detector(geometry: Geometry, landmarks: str = "auto") -> Detector:
-    """The default detector (dlib HOG) with the landmark model ``geometry`` needs."""
-    return DlibDetector(landmarks=landmarks_for(geometry, landmarks))
+    """The server's default detector (dlib HOG, with the MMOD CNN where HOG finds no face)
+    with the landmark model ``geometry`` needs."""
+    return DlibDetector(boxes="hog+mmod", landmarks=landmarks_for(geometry, landmarks))
 
 
 @dataclass(frozen=True)

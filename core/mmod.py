@@ -386,26 +386,35 @@ class MmodDetector:
         ]
 
 
-def mmod_onnx(folder: str | Path, dat_path: str | Path | None = None) -> Path:
-    """The detector's ONNX file in ``folder``, exported from the .dat on first use.
+PACKAGED = Path(__file__).parent / "models"  # the export of the .dat that face_recognition_models ships
+CACHE = Path.home() / ".cache" / "facegate"  # exports of any other .dat
 
-    Named after the .dat's sha256, so another model file gets its own export. Only the
-    export needs torch (``facegate[train]``); a folder that already holds the file, or
-    one filled by ``python -m facegate.export.mmod export``, serves without it.
+
+def mmod_onnx(folder: str | Path | None = None, dat_path: str | Path | None = None) -> Path:
+    """The detector's ONNX file, exported from the .dat on first use.
+
+    Named after the .dat's sha256, so another model file gets its own export. Looked up
+    in ``folder``, or by default in the package (which ships the export of
+    face_recognition_models' file, so a server needs no torch) and then ``CACHE``, where
+    a missing export is written. Only the export needs torch (``facegate[train]``).
     """
     if dat_path is None:
         from facegate.core.detect import dlib_model_file
 
         dat_path = dlib_model_file(MODEL_FILE)
     digest = hashlib.sha256(Path(dat_path).read_bytes()).hexdigest()[:16]
-    path = Path(folder) / f"{Path(dat_path).stem}-{digest}.onnx"
-    if not path.exists():
-        try:
-            from facegate.export.mmod import export_mmod_onnx
-        except ImportError as exc:
-            raise MmodModelError(
-                f"{path} is missing and exporting it needs torch ({exc}); run "
-                f"`python -m facegate.export.mmod export {path}` where torch is installed"
-            ) from exc
-        export_mmod_onnx(path, dat_path)
+    name = f"{Path(dat_path).stem}-{digest}.onnx"
+    places = [Path(folder)] if folder is not None else [PACKAGED, CACHE]
+    for place in places:
+        if (place / name).exists():
+            return place / name
+    path = places[-1] / name
+    try:
+        from facegate.export.mmod import export_mmod_onnx
+    except ImportError as exc:
+        raise MmodModelError(
+            f"{path} is missing and exporting it needs torch ({exc}); run "
+            f"`python -m facegate.export.mmod export {path}` where torch is installed"
+        ) from exc
+    export_mmod_onnx(path, dat_path)
     return path

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from facegate.core.dlib_dnn import read_dlib_dnn
 from facegate.core.mmod import (
+    PACKAGED,
     MmodDetector,
     MmodModelError,
     MmodSpec,
@@ -153,6 +154,15 @@ def test_onnx_matches_dlib_live(celeba_root, detector, dlib_cnn):
             assert g[4] == pytest.approx(e[4], abs=1e-3)
         faces += len(got)
     assert faces >= LIVE_PHOTOS * 0.7  # mostly one face per CelebA photo
+
+
+def test_the_packaged_export_is_a_fresh_export(onnx_path, detector):
+    """The server runs the ONNX file the package ships (it has no torch to export one):
+    it must be what exporting face_recognition_models' .dat gives today."""
+    packaged = mmod_onnx()
+    assert packaged.parent == PACKAGED and packaged.name == onnx_path.name
+    tile = np.random.default_rng(1).normal(0, 0.3, (3, 120, 96)).astype(np.float32)
+    np.testing.assert_allclose(MmodDetector(packaged).scores(tile), detector.scores(tile), atol=1e-5)
 
 
 def test_small_and_bad_inputs(detector, tmp_path):
