@@ -16,7 +16,14 @@ from pathlib import Path
 
 import httpx
 import pytest
-from server_support import blank_png, default_bundle, free_port, people, start_server
+from server_support import (
+    blank_png,
+    default_bundle,
+    free_port,
+    huge_declared_png,
+    people,
+    start_server,
+)
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
@@ -216,6 +223,13 @@ def test_errors_are_in_plain_words(page, celeba_root, tmp_path):
     assert not page.find("#verify-result").is_displayed()
     page.screenshot("error-no-face")
 
+    huge = tmp_path / "huge.png"
+    huge.write_bytes(huge_declared_png())
+    page.upload("#verify-image2", huge)
+    page.click("#verify-submit")
+    page.wait.until(lambda d: "too large" in page.text("#verify-error"))
+    assert "The second photo is too large" in page.text("#verify-error")
+
     page.open("verify", keys=("not-the-key", ADMIN_KEY))
     page.upload("#verify-image1", photo(celeba_root, SAME[0]))
     page.upload("#verify-image2", photo(celeba_root, SAME[1]))
@@ -224,18 +238,22 @@ def test_errors_are_in_plain_words(page, celeba_root, tmp_path):
     assert "not-the-key" not in page.d.current_url
 
 
-def test_enrol_reports_each_photo_and_lists_the_identity(page, celeba_root, tmp_path):
+def test_enrol_reports_each_photo_and_lists_the_identity(
+    page, celeba_root, tmp_path, insightface_group_photo
+):
     blank = tmp_path / "nobody.png"
     blank.write_bytes(blank_png())
     page.open("gallery")
     page.visible("#identity-table tr[data-identity='7203']")
     page.find("#enrol-id").send_keys("7202")
     page.find("#enrol-name").send_keys("Person 7202")
-    page.upload("#enrol-images", *(photo(celeba_root, n) for n in ENROL), blank)
+    page.upload("#enrol-images", *(photo(celeba_root, n) for n in ENROL), blank,
+                insightface_group_photo)
     page.click("#enrol-submit")
-    assert "Enrolled 7202: 3 of 4 photos accepted" in page.text("#enrol-result")
-    rejected = page.find("#enrol-photos li.rejected").text
-    assert "nobody.png" in rejected and "No face found" in rejected
+    assert "Enrolled 7202: 3 of 5 photos accepted" in page.text("#enrol-result")
+    blank_row, group_row = (r.text for r in page.all("#enrol-photos li.rejected"))
+    assert "nobody.png" in blank_row and "No face found in photo 4 (nobody.png)" in blank_row
+    assert "More than one face in photo 5" in group_row and "found 6" in group_row
     assert len(page.all("#enrol-photos li.accepted")) == 3
     row = page.visible("#identity-table tr[data-identity='7202']")
     assert "Person 7202" in row.text and "3" in row.find_element(page.by.CSS_SELECTOR, "td.num").text

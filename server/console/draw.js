@@ -80,9 +80,13 @@ export async function drawCrop(canvas, img, face) {
   canvas.setAttribute("aria-label", `the aligned ${geo.size}×${geo.size} face crop the model embeds`);
 }
 
-// A horizontal bar: the similarity against the threshold, on a range that shows both.
-export function scoreBar(similarity, threshold) {
-  const lo = Math.max(-1, Math.floor((Math.min(similarity, threshold) - 0.1) * 10) / 10);
+// The left end of a bar scale that shows every score and the threshold.
+export function barStart(scores, threshold) {
+  return Math.max(-1, Math.floor((Math.min(threshold, ...scores) - 0.1) * 10) / 10);
+}
+
+// A horizontal bar: the similarity against the threshold, from lo (one scale for a table).
+export function scoreBar(similarity, threshold, lo = barStart([similarity], threshold)) {
   const hi = 1;
   const at = (v) => `${(100 * (Math.min(hi, Math.max(lo, v)) - lo)) / (hi - lo)}%`;
   const passed = similarity >= threshold;

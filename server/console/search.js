@@ -1,19 +1,19 @@
 // Search: one photo in, the k best enrolled identities out (POST /v1/search).
 
 import { call, el, fill, fmt, showError } from "./api.js";
-import { drawPhoto, loadImage, scoreBar } from "./draw.js";
+import { barStart, drawPhoto, loadImage, scoreBar } from "./draw.js";
 import { enableDrop } from "./widgets.js";
 
 const $ = (id) => document.getElementById(id);
 let image = null;
 
-function candidateRow(candidate, rank, threshold) {
+function candidateRow(candidate, rank, threshold, lo) {
   return el("tr", { class: candidate.match ? "match" : "" },
     el("td", { class: "num" }, String(rank)),
     el("th", { scope: "row" }, candidate.identity_id),
     el("td", {}, candidate.name || "–"),
     el("td", { class: "num" }, fmt.sim(candidate.similarity)),
-    el("td", { class: "bar-cell" }, scoreBar(candidate.similarity, threshold)),
+    el("td", { class: "bar-cell" }, scoreBar(candidate.similarity, threshold, lo)),
     el("td", {}, candidate.match ? el("span", { class: "ok" }, "match") : el("span", { class: "bad" }, "no match")));
 }
 
@@ -22,11 +22,12 @@ function render(result) {
   const headline = best
     ? `Match: ${best.identity_id}${best.name ? ` (${best.name})` : ""}`
     : result.candidates.length ? "No match: nobody enrolled passes the threshold" : "No match: the gallery is empty";
+  const lo = barStart(result.candidates.map((c) => c.similarity), result.threshold);
   const table = el("table", { id: "search-candidates" },
     el("caption", {}, `Best ${result.candidates.length} candidates at threshold ${fmt.sim(result.threshold)}`),
     el("thead", {}, el("tr", {}, ...["#", "Identity", "Name", "Similarity", "Against the threshold", "Decision"]
       .map((h) => el("th", { scope: "col" }, h)))),
-    el("tbody", {}, ...result.candidates.map((c, i) => candidateRow(c, i + 1, result.threshold))));
+    el("tbody", {}, ...result.candidates.map((c, i) => candidateRow(c, i + 1, result.threshold, lo))));
   fill($("search-result"),
     el("p", { class: `decision ${best ? "ok" : "bad"}`, id: "search-decision" }, headline),
     el("div", { class: "scroll" }, table),
