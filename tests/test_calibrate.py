@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from facegate.core.bundle import MANIFEST_NAME, add_file, load_bundle, sha256_file
-from facegate.train.calibrate import (
+from facegate.train.uss_threshold import (
     CalibrationError,
     expected_uss,
     learn_threshold,
@@ -61,7 +61,7 @@ def embedded(crops, tmp_path_factory) -> tuple[np.ndarray, np.ndarray, Path]:
 
 
 def test_calibrate_does_not_import_torch() -> None:
-    code = "import sys, facegate.train.calibrate; assert 'torch' not in sys.modules"
+    code = "import sys, facegate.train.calibrate, facegate.train.uss_threshold; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

@@ -19,9 +19,9 @@ from typing import Any
 
 import numpy as np
 from facegate.core import metrics
-from facegate.train.calibrate import learn_threshold, negative_weight_for_far
 from facegate.train.data import CropFolder, split_identities
 from facegate.train.evaluate import load_model
+from facegate.train.uss_threshold import learn_threshold, negative_weight_for_far
 from facegate.train.verification import identity_metrics, verification_metrics
 
 TARGET_FARS = (1e-3, 3e-3, 1e-2)

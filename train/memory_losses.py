@@ -162,7 +162,7 @@ class USSLoss(_BinaryS2SLoss):
       rate: ``lambda > 1`` makes t stricter (lower FAR, higher FRR), ``lambda < 1``
       looser. ``mean`` with ``lambda = C - 1`` equals ``sum`` when every class is in
       memory. Choose ``lambda`` on training identities only (``facegate calibrate
-      --target-far``, ``train.calibrate.negative_weight_for_far``).
+      --target-far``, ``train.uss_threshold.negative_weight_for_far``).
     """
 
     def __init__(
