@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from facegate.core.align import ARCFACE_112
 from facegate.core.errors import FacegateError
-from facegate.train.prepare import list_photos, prepare
+from facegate.train.photo_crops import list_photos
+from facegate.train.prepare import prepare
 
 from facegate.cli import main
 
