@@ -26,7 +26,7 @@ function photoReport(images, files) {
       : el("span", { class: "bad" }, `rejected: ${explain(item.reason).title}`);
     return el("li", { class: item.accepted ? "accepted" : "rejected" }, thumb,
       el("span", {}, item.filename || `photo ${item.index + 1}`), outcome,
-      item.accepted ? null : el("span", { class: "muted small" }, item.reason.message));
+      item.accepted ? null : el("span", { class: "muted small" }, `server said: ${item.reason.message}`));
   });
   return el("ul", { class: "photo-report", id: "enrol-photos" }, ...rows);
 }
