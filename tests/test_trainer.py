@@ -351,7 +351,7 @@ def test_finetune_dlib_port_trains_fc_only_and_stays_close(chips_root, tmp_path)
     assert 0.9 < cosine < 1.0, cosine
 
 
-def test_amp_on_requires_a_gpu():
+def test_amp_on_requires_a_gpu(tmp_path):
     """train.amp: auto trains in fp32 where there is no GPU; on refuses to (it is not auto)."""
     from facegate.train.runtime import amp_dtype
 
@@ -361,6 +361,13 @@ def test_amp_on_requires_a_gpu():
         amp_dtype("on", cpu)
     with pytest.raises(ConfigError, match="train.amp"):
         load_config(None, ["train.amp=maybe"])
+    # YAML reads a bare on / off as a boolean; the config takes it as the word
+    assert [load_config(None, [f"train.amp={v}"]).train.amp for v in ("on", "off", "auto")] == [
+        "on", "off", "auto"]
+    if not torch.cuda.is_available():  # the trainer refuses before it reads any data
+        with pytest.raises(ConfigError, match="train.amp on needs a CUDA device"):
+            train(load_config(None, ["train.amp=on", f"data.root={tmp_path / 'none'}"]),
+                  tmp_path / "run", progress=False)
 
 
 def test_train_reads_a_recordio_pack(crops_root, tmp_path, capsys):

@@ -216,6 +216,8 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
 
 
 def _coerce(hint: Any, value: Any, key: str) -> Any:
+    if key == "train.amp" and isinstance(value, bool):  # YAML 1.1 reads bare on/off as booleans
+        return "on" if value else "off"
     if dataclasses.is_dataclass(hint):
         return _build(hint, value or {}, key + ".")
     origin = typing.get_origin(hint)

@@ -99,6 +99,7 @@ def train(
 ) -> dict[str, Any]:
     """Train (or resume) a run in ``out``; return its summary (rank 0's view)."""
     rt = setup_runtime()
+    dtype = amp_dtype(cfg.train.amp, rt.device)  # before loading data: train.amp on may refuse
     out = Path(out)
     if rt.main:
         out.mkdir(parents=True, exist_ok=True)
@@ -124,7 +125,6 @@ def train(
     )
     sampler = train_data.PKSampler(split.train.labels, p=cfg.train.p, k=cfg.train.k,
                                    seed=cfg.seed, rank=rt.rank, world_size=rt.world_size)
-    dtype = amp_dtype(cfg.train.amp, rt.device)
     state = RunState(model=model, optimizer=build_optimizer(model, cfg.optim),
                      scaler=torch.amp.GradScaler("cuda", enabled=dtype == torch.float16),
                      steps_per_epoch=len(sampler))
