@@ -21,7 +21,8 @@ export async function loadImage(file) {
 
 // The photo scaled to fit, with the face's box and landmarks when given.
 export function drawPhoto(canvas, img, face) {
-  const scale = Math.min(1, MAX_SIDE / Math.max(img.naturalWidth, img.naturalHeight));
+  // Small photos are enlarged (up to 2x) so the box and landmarks can be seen.
+  const scale = Math.min(2, MAX_SIDE / Math.max(img.naturalWidth, img.naturalHeight));
   canvas.width = Math.round(img.naturalWidth * scale);
   canvas.height = Math.round(img.naturalHeight * scale);
   const ctx = canvas.getContext("2d");
@@ -35,11 +36,14 @@ export function drawPhoto(canvas, img, face) {
   ctx.lineWidth = Math.max(2, canvas.width / 150);
   ctx.strokeStyle = "#00e07a";
   ctx.strokeRect(x1, y1, x2 - x1, y2 - y1);
-  ctx.fillStyle = "#ffd400";
+  ctx.fillStyle = "#ff2bd6";  // magenta with a dark rim: visible on skin, hair and sky
+  ctx.strokeStyle = "#111";
+  ctx.lineWidth = 1;
   for (const [x, y] of face.landmarks) {
     ctx.beginPath();
-    ctx.arc(x * scale, y * scale, Math.max(2.5, canvas.width / 120), 0, 2 * Math.PI);
+    ctx.arc(x * scale, y * scale, Math.max(3, canvas.width / 90), 0, 2 * Math.PI);
     ctx.fill();
+    ctx.stroke();
   }
   const others = face.faces_in_image > 1 ? `, ${face.faces_in_image} faces found, the largest used` : "";
   canvas.setAttribute("aria-label", `the photo with the detected face boxed and ${face.landmarks.length} landmarks marked${others}`);
