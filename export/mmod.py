@@ -146,7 +146,9 @@ def export_mmod_onnx(out_path: str | Path, dat_path: str | Path | None = None,
 
 # ---------------------------------------------------------------- parity, timings, detection rates
 
-METHODS = ("dlib-cnn", "ort", "hog")
+# hog68: HOG + the 68-point predictor (the detector before the cascade); server: HOG at
+# 0..upsample, then MMOD, + the 5-point predictor (the server's default since).
+METHODS = ("dlib-cnn", "ort", "hog", "hog68", "server")
 
 
 def sample_photos(data: Path, n: int) -> list[Path]:
@@ -173,7 +175,20 @@ def _detectors(onnx_path: Path) -> dict[str, Any]:
         rects, scores, _ = hog.run(img, up, 0.0)
         return [(r.left(), r.top(), r.right(), r.bottom(), s) for r, s in zip(rects, scores, strict=True)]
 
-    return {"dlib-cnn": dlib_cnn, "ort": ort_detector.detect, "hog": hog_run}
+    def whole(boxes: str, landmarks: str) -> Any:
+        """A full DlibDetector (boxes and landmarks), as the server runs it."""
+        from facegate.core.detect import DlibDetector
+
+        detectors: dict[int, DlibDetector] = {}
+
+        def detect(img: np.ndarray, up: int) -> list:
+            detector = detectors.setdefault(up, DlibDetector(up, boxes, landmarks=landmarks))  # type: ignore[arg-type]
+            return [(*f.box, f.score) for f in detector.detect(img)]
+
+        return detect
+
+    return {"dlib-cnn": dlib_cnn, "ort": ort_detector.detect, "hog": hog_run,
+            "server": whole("hog+mmod", "5"), "hog68": whole("hog", "68")}
 
 
 def run(data: Path, n: int, jobs: list[str], onnx_path: Path, cache: Path,

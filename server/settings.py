@@ -37,7 +37,7 @@ class Settings(BaseSettings):
     detector_boxes: Literal["hog", "mmod", "hog+mmod"] = Field(
         "hog+mmod", description="detector=dlib: HOG, dlib's MMOD CNN (ONNX Runtime), or HOG at "
         "upsampling 0 up to detector_upsample and the CNN where HOG finds no face (finds a face "
-        "in 99.9% of the shared CelebA photos vs HOG's 95.7%, in less time; docs/mmod.md)",
+        "in 99.5% of the shared CelebA photos vs HOG's 95.7%, in less time; docs/mmod.md)",
     )
     detector_landmarks: Literal["auto", "5", "68"] = Field(
         "auto", description="dlib shape predictor: 5-point (public domain) or 68-point (trained "
