@@ -12,13 +12,18 @@ import numpy as np
 import psycopg
 import pytest
 from facegate.core.align import ARCFACE_112
+from facegate.core.bundle import load_bundle
 from facegate.core.errors import DuplicateIdentity, ModelMismatch, UnknownIdentity, UnknownTemplate
 from facegate.gallery import consistency_report
 from facegate.gallery.pg_follow import GalleryUnavailable
 from facegate.gallery.pg_schema import SCHEMA_VERSION
 from facegate.gallery.postgres import PostgresGallery
 from facegate.gallery.protocol import open_gallery
+from facegate.server.settings import Settings
 from postgres_support import cluster
+from server_support import default_bundle
+
+from facegate.cli import main
 
 DIM = 32
 pytestmark = pytest.mark.usefixtures("single_threaded_faiss")
@@ -225,3 +230,33 @@ def test_model_change_and_reembed_run_once_for_all_replicas(url):
         new.delete_identity("n")
         wait_for(lambda: peer._follower.stale[0] == 0, timeout=5)
         assert peer.search(fixed[0], 1)[0].identity_id == "k"
+
+
+def test_settings_keep_a_postgres_url_intact_and_a_path_a_path(tmp_path):
+    url = "postgresql://facegate:secret@db.internal:5432/facegate"
+    assert Settings(gallery=url).gallery == url  # a Path would fold "//" into "/"
+    assert Settings(gallery=str(tmp_path / "g.sqlite")).gallery == tmp_path / "g.sqlite"
+
+
+def test_reembed_cli_takes_the_database_url(url, capsys):
+    """`facegate gallery reembed --gallery postgresql://...`: the kept crops of an older
+    model go through the default bundle's real embedder; credentials are not printed."""
+    bundle = load_bundle(default_bundle())
+    size = bundle.geometry.size
+    crops = np.random.default_rng(6).integers(0, 255, (2, size, size, 3), dtype=np.uint8)
+    rng = np.random.default_rng(7)
+    vectors = rng.standard_normal((2, bundle.embedding_size)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    with PostgresGallery(url, model_id="old", embedding_size=bundle.embedding_size,
+                         keep_crops=True, geometry=bundle.geometry) as old:
+        old.create_identity("kept", embeddings=vectors, crops=crops)
+    secret_url = url.replace("postgres@", "postgres:hunter2@")  # trust auth ignores it
+    args = ["gallery", "reembed", "--bundle", str(default_bundle()), "--gallery", secret_url]
+    assert main([*args, "--dry-run"]) == 0
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "re-embedded 2 templates" in out and "hunter2" not in out
+    with PostgresGallery(url, model_id=bundle.model_id, embedding_size=bundle.embedding_size,
+                         geometry=bundle.geometry) as g:
+        assert g.stats()["stale_templates"] == 0 and len(g._cache) == 2
+        assert g.search(g.identity_embeddings("kept")[0], 1)[0].identity_id == "kept"

@@ -211,3 +211,19 @@ def test_compose_file_parses_and_configures_real_settings():
     assert set(env) <= names, set(env) - names
     assert env["FACEGATE_GALLERY"].startswith("postgresql://")
     assert "proxy_pass http://facegate" in compose["configs"]["nginx-conf"]["content"]
+
+
+def test_bench_scaleout_part_smoke(tmp_path):
+    """`python -m bench --part scaleout` at tiny sizes: real PostgreSQL, 1 and 2 replicas."""
+    sys.path.insert(0, str(REPO))
+    from bench import scaleout
+
+    result = scaleout.run(scaleout.SIZES["smoke"], tmp_path)
+    assert [r["replicas"] for r in result["rows"]] == [1, 2]
+    assert all(r["search"]["failures"] == 0 and r["search"]["per_s"] > 0 for r in result["rows"])
+    assert all(r["store_enrol"]["failures"] == 0 for r in result["rows"])
+    prop = result["propagation"]
+    assert prop["store_to_b"]["n"] == scaleout.SIZES["smoke"]["propagation_samples"]
+    assert prop["store_to_b"]["p99_ms"] < PROPAGATION_BOUND_S * 1000
+    text = scaleout.markdown(result)
+    assert "| 10,000,000 |" in text and "Propagation with 2 replicas" in text
