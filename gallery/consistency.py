@@ -22,7 +22,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 from facegate.core import metrics
-from facegate.gallery.store import Gallery
+from facegate.gallery.protocol import GalleryStore
 from tqdm import tqdm
 
 OPIS_RANGE = (0.0, 1.0)
@@ -135,7 +135,7 @@ def consistency_summary(
 
 
 def consistency_report(
-    gallery: Gallery,
+    gallery: GalleryStore,
     threshold: float,
     *,
     target_far: float = 1e-3,

@@ -100,7 +100,11 @@ class PostgresGallery(PostgresReads):
             self._pool.close()
             raise
         self._follower = Follower(self, url, poll_s=poll_s)
-        self._follower.start()  # builds the index before it returns
+        try:
+            self._follower.start()  # builds the index before it returns
+        except BaseException:
+            self._pool.close()
+            raise
 
     @property
     def ready(self) -> bool:

@@ -27,14 +27,9 @@ from pathlib import Path
 
 import numpy as np
 from facegate.core.align import ARCFACE_112, Geometry, as_geometry
-from facegate.core.errors import DuplicateIdentity, ModelMismatch, UnknownIdentity, UnknownTemplate
+from facegate.core.errors import DuplicateIdentity, UnknownIdentity, UnknownTemplate
 from facegate.gallery.cache import IndexCache
-from facegate.gallery.metadata import (
-    STORE_MAX_BYTES,
-    STORE_MAX_DEPTH,
-    check_metadata,
-    load_stored_metadata,
-)
+from facegate.gallery.metadata import STORE_MAX_BYTES, STORE_MAX_DEPTH, check_metadata
 from facegate.gallery.records import (
     REEMBED_BATCH,
     Candidate,
@@ -48,52 +43,15 @@ from facegate.gallery.records import (
     geometry_label,
     mismatch_message,
     per_row,
-    stack,
 )
+from facegate.gallery.sqlite_reads import SqliteReads
+from facegate.gallery.sqlite_schema import SCHEMA, SCHEMA_VERSION, migrate
 from tqdm import tqdm
 
-SCHEMA_VERSION = 2  # 2: templates.crop_geometry
 __all__ = ["Candidate", "Gallery", "Identity", "ReembedReport", "Template"]
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (
-    key TEXT PRIMARY KEY,
-    value TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS identities (
-    identity_id TEXT PRIMARY KEY,
-    name TEXT,
-    metadata TEXT NOT NULL DEFAULT '{}',
-    created_at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS templates (
-    row_id INTEGER PRIMARY KEY AUTOINCREMENT,
-    template_id TEXT NOT NULL UNIQUE,
-    identity_id TEXT NOT NULL REFERENCES identities(identity_id) ON DELETE CASCADE,
-    model_id TEXT NOT NULL,
-    dim INTEGER NOT NULL,
-    embedding BLOB NOT NULL,
-    created_at REAL NOT NULL,
-    source TEXT,
-    score REAL,
-    crop BLOB,
-    crop_geometry TEXT
-);
-CREATE INDEX IF NOT EXISTS templates_by_identity ON templates(identity_id);
-CREATE INDEX IF NOT EXISTS templates_by_model ON templates(model_id);
-CREATE TABLE IF NOT EXISTS decisions (
-    row_id INTEGER PRIMARY KEY AUTOINCREMENT,
-    identity_id TEXT NOT NULL REFERENCES identities(identity_id) ON DELETE CASCADE,
-    similarity REAL NOT NULL,
-    accepted INTEGER NOT NULL,
-    route TEXT NOT NULL,
-    created_at REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS decisions_by_identity ON decisions(identity_id, row_id);
-"""
 
-
-class Gallery:
+class Gallery(SqliteReads):
     """Enrolled identities, durable in the SQLite file at `path`, searchable by embedding."""
 
     def __init__(
@@ -130,7 +88,7 @@ class Gallery:
                 "INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?)",
                 (str(SCHEMA_VERSION),),
             )
-            _migrate(db, self.path)
+            migrate(db, self.path)
             db.execute(
                 "INSERT OR REPLACE INTO meta(key, value) VALUES ('model_id', ?)", (model_id,)
             )
@@ -303,83 +261,6 @@ class Gallery:
         return self._reembed_report(self._reader(), 0)
 
     # -- reads --------------------------------------------------------------------------
-
-    def get_identity(self, identity_id: str) -> Identity:
-        db = self._reader()
-        row = db.execute(
-            "SELECT identity_id, name, metadata, created_at FROM identities WHERE identity_id = ?",
-            (identity_id,),
-        ).fetchone()
-        if row is None:
-            raise UnknownIdentity(f"unknown identity {identity_id!r}")
-        return self._identities(db, [row])[0]
-
-    def list_identities(self, *, offset: int = 0, limit: int = 50) -> tuple[list[Identity], int]:
-        """A page of identities in enrolment order, and the total count."""
-        db = self._reader()
-        total = db.execute("SELECT COUNT(*) FROM identities").fetchone()[0]
-        rows = db.execute(
-            "SELECT identity_id, name, metadata, created_at FROM identities"
-            " ORDER BY created_at, identity_id LIMIT ? OFFSET ?",
-            (max(0, limit), min(max(0, offset), 2**62)),
-        ).fetchall()
-        return self._identities(db, rows), total
-
-    def search(self, query: np.ndarray, k: int = 5) -> list[Candidate]:
-        """The `k` identities whose best template is most similar to `query`, best first."""
-        if self._stale_templates:
-            raise ModelMismatch(self._mismatch_message())
-        return self._cache.search(query, k)
-
-    def identity_embeddings(self, identity_id: str) -> np.ndarray:
-        """The current-model template embeddings of one identity, (N, D) float32."""
-        db = self._reader()
-        self._require_identity(db, identity_id)
-        rows = db.execute(
-            "SELECT embedding FROM templates WHERE identity_id = ? AND model_id = ?"
-            " ORDER BY row_id",
-            (identity_id, self.model_id),
-        ).fetchall()
-        return self._stack([blob for (blob,) in rows])
-
-    def embeddings(self) -> tuple[np.ndarray, list[str]]:
-        """All current-model template embeddings (N, D) and the identity id of each row."""
-        rows = (
-            self._reader()
-            .execute(
-                "SELECT identity_id, embedding FROM templates WHERE model_id = ? ORDER BY row_id",
-                (self.model_id,),
-            )
-            .fetchall()
-        )
-        return self._stack([blob for _, blob in rows]), [i for i, _ in rows]
-
-    def decisions(self) -> dict[str, list[tuple[float, bool]]]:
-        """Observed (similarity, accepted) decisions per identity, oldest first."""
-        out: dict[str, list[tuple[float, bool]]] = {}
-        for identity_id, sim, accepted in self._reader().execute(
-            "SELECT identity_id, similarity, accepted FROM decisions ORDER BY row_id"
-        ):
-            out.setdefault(identity_id, []).append((sim, bool(accepted)))
-        return out
-
-    def stats(self) -> dict:
-        db = self._reader()
-        identities = db.execute("SELECT COUNT(*) FROM identities").fetchone()[0]
-        templates = db.execute("SELECT COUNT(*) FROM templates").fetchone()[0]
-        return {
-            "identities": identities,
-            "templates": templates,
-            "indexed_templates": len(self._index),
-            "index": self._index.kind,
-            "index_backend": self._index.backend,
-            "gpu": self._index.on_gpu,
-            "model_id": self.model_id,
-            "embedding_size": self.embedding_size,
-            "stale_templates": self._stale_templates,
-            "stale_identities": self._stale_identities,
-            "keep_crops": self.keep_crops,
-        }
 
     def close(self) -> None:
         with self._write_lock, self._connections_lock:
@@ -564,61 +445,3 @@ class Gallery:
             is None
         ):
             raise UnknownIdentity(f"unknown identity {identity_id!r}")
-
-    def _identities(self, db: sqlite3.Connection, rows: list[tuple]) -> list[Identity]:
-        """Identities for (identity_id, name, metadata, created_at) rows, with their templates."""
-        templates: dict[str, list[Template]] = {row[0]: [] for row in rows}
-        ids = list(templates)
-        for start in range(0, len(ids), 500):
-            chunk = ids[start : start + 500]
-            marks = ",".join("?" * len(chunk))
-            for template_id, identity_id, created_at, source, score in db.execute(
-                "SELECT template_id, identity_id, created_at, source, score FROM templates"
-                f" WHERE identity_id IN ({marks}) ORDER BY row_id",
-                chunk,
-            ):
-                templates[identity_id].append(
-                    Template(template_id, identity_id, created_at, source, score)
-                )
-        return [
-            Identity(i, name, load_stored_metadata(meta), created_at, tuple(templates[i]))
-            for i, name, meta, created_at in rows
-        ]
-
-    def _stack(self, blobs: list[bytes]) -> np.ndarray:
-        return stack(blobs, self.embedding_size)
-
-
-
-# A schema 1 crop's PNG header (IHDR width, height: bytes 16..23) when it is 112x112.
-_PNG_112 = (112).to_bytes(4, "big") * 2
-
-
-def _migrate(db: sqlite3.Connection, path: Path) -> None:
-    """Bring a file of an older schema up to SCHEMA_VERSION, inside the open transaction.
-
-    1 -> 2: add ``templates.crop_geometry``. Schema 1 galleries predate bundle
-    geometries: every crop they kept was an ArcFace-template 112x112 crop, so a kept
-    112x112 PNG gets that geometry; any other kept crop stays NULL (unknown, never
-    re-embedded). Runs under the write lock of BEGIN IMMEDIATE, so two processes
-    opening one old file migrate it once.
-    """
-    (version,) = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-    if int(version) > SCHEMA_VERSION:
-        raise RuntimeError(
-            f"{path}: gallery schema {version} is newer than this facegate's "
-            f"({SCHEMA_VERSION}); upgrade facegate"
-        )
-    columns = {row[1] for row in db.execute("PRAGMA table_info(templates)")}
-    if "crop_geometry" not in columns:
-        db.execute("ALTER TABLE templates ADD COLUMN crop_geometry TEXT")
-        db.execute(
-            "UPDATE templates SET crop_geometry = ? WHERE crop IS NOT NULL"
-            " AND substr(crop, 17, 8) = ?",
-            (geometry_key(ARCFACE_112), _PNG_112),
-        )
-    if int(version) < SCHEMA_VERSION:
-        db.execute(
-            "UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),)
-        )
-
