@@ -238,6 +238,7 @@ def test_errors_are_in_plain_words(page, celeba_root, tmp_path):
     page.upload("#verify-image2", photo(celeba_root, SAME[1]))
     page.click("#verify-submit")
     assert "Wrong API key" in page.text("#verify-error")
+    assert page.find("#keys").get_attribute("open") is not None  # opened where the key goes
     assert "not-the-key" not in page.d.current_url
 
 

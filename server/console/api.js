@@ -101,6 +101,9 @@ export function showError(box, error) {
   box.hidden = !error;
   if (!error) return;
   const { title, advice, detail } = explain(error);
+  if (error.code === "missing_api_key" || error.code === "forbidden") {
+    document.getElementById("keys").open = true;  // where the fix is typed
+  }
   box.append(el("strong", {}, title));
   if (advice) box.append(el("p", {}, advice));
   box.append(el("p", { class: "muted small" }, `Server said: ${detail}`));

@@ -62,7 +62,6 @@ function initKeys() {
     showKeyState();
   });
   showKeyState();
-  if (!keys.api) $("keys").open = true;
 }
 
 async function showReady() {
