@@ -357,9 +357,10 @@ def _bilinear_truncating(image: np.ndarray, matrix: np.ndarray, rows: int, cols:
         return out
     xi, yi = left[valid].astype(np.intp), top[valid].astype(np.intp)
     fx, fy = (x[valid] - left[valid])[:, None], (y[valid] - top[valid])[:, None]
-    img = image.astype(np.float64) if image.dtype != np.float64 else image
-    tl, tr = img[yi, xi], img[yi, xi + 1]
-    bl, br = img[yi + 1, xi], img[yi + 1, xi + 1]
+    # Gather the four neighbours first, then widen only them: converting the whole
+    # source image to float64 cost 10x the sampling itself.
+    tl, tr = image[yi, xi].astype(np.float64), image[yi, xi + 1].astype(np.float64)
+    bl, br = image[yi + 1, xi].astype(np.float64), image[yi + 1, xi + 1].astype(np.float64)
     value = (1 - fy) * ((1 - fx) * tl + fx * tr) + fy * ((1 - fx) * bl + fx * br)
     out[valid] = np.clip(value, 0, 255).astype(np.uint8)  # static_cast: truncation
     return out
@@ -530,6 +531,22 @@ def align_face(image: np.ndarray, face: _HasLandmarks, geometry: Geometry) -> np
         assert geometry.padding is not None
         dlib5 = getattr(face, "dlib5", None)
         if dlib5 is not None:
-            return dlib_chip(image, dlib5, geometry.size, geometry.padding)
+            return _face_chip(image, dlib5, geometry.size, geometry.padding)
         return dlib_chip_from_arcface(image, face.landmarks, geometry.size, geometry.padding)
     raise ValueError(f"unknown geometry method {geometry.method!r}")
+
+
+def _face_chip(image: np.ndarray, shape5: np.ndarray, size: int, padding: float) -> np.ndarray:
+    """:func:`dlib_chip`, by ``dlib.get_face_chip`` itself when the points are whole pixels
+    (a shape predictor's always are): the same chip (tests/test_dlib_chip.py), about 15x
+    faster than the NumPy path, whose float64 sampling cost ~10 ms a face on this CPU."""
+    points = _check5(shape5)
+    _check_chip_args(size, padding)
+    if not np.array_equal(points, np.round(points)):
+        return dlib_chip(image, points, size, padding)
+    import dlib
+
+    xs, ys = points[:, 0].astype(int), points[:, 1].astype(int)
+    box = dlib.rectangle(int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max()))
+    shape = dlib.full_object_detection(box, [dlib.point(int(x), int(y)) for x, y in zip(xs, ys, strict=True)])
+    return np.asarray(dlib.get_face_chip(np.ascontiguousarray(_check_rgb(image)), shape, size, padding))

@@ -2,7 +2,8 @@
 
 ``dlib.cnn_face_detection_model_v1(mmod_human_face_detector.dat)(img, upsample)``
 rebuilt without dlib or torch at run time. The network (``mmod_human_face_detector.dat``,
-dlib-models, public domain / CC0 1.0) is exported to ONNX by ``facegate.export.mmod``,
+dlib-models, public domain / CC0 1.0) is exported to ONNX by ``facegate.export.mmod``
+(the export of face_recognition_models' file ships in the package: ``mmod_onnx``),
 which stores everything else the detector needs in the ONNX file's metadata (detector
 window, NMS thresholds, channel means, pyramid layout, how output cells map to input
 pixels). What dlib does, and this module repeats (dlib 20.0.1's ``dnn/input.h``,
@@ -391,12 +392,13 @@ CACHE = Path.home() / ".cache" / "facegate"  # exports of any other .dat
 
 
 def mmod_onnx(folder: str | Path | None = None, dat_path: str | Path | None = None) -> Path:
-    """The detector's ONNX file, exported from the .dat on first use.
+    """The detector's ONNX file for ``dat_path`` (default: face_recognition_models' .dat).
 
-    Named after the .dat's sha256, so another model file gets its own export. Looked up
+    Named after the .dat's sha256, so another model file needs its own export. Looked up
     in ``folder``, or by default in the package (which ships the export of
-    face_recognition_models' file, so a server needs no torch) and then ``CACHE``, where
-    a missing export is written. Only the export needs torch (``facegate[train]``).
+    face_recognition_models' file, so a server needs no torch) and then ``CACHE``. A
+    missing file raises MmodModelError with the command that makes it
+    (``python -m facegate.export.mmod export``, which needs torch).
     """
     if dat_path is None:
         from facegate.core.detect import dlib_model_file
@@ -408,13 +410,8 @@ def mmod_onnx(folder: str | Path | None = None, dat_path: str | Path | None = No
     for place in places:
         if (place / name).exists():
             return place / name
-    path = places[-1] / name
-    try:
-        from facegate.export.mmod import export_mmod_onnx
-    except ImportError as exc:
-        raise MmodModelError(
-            f"{path} is missing and exporting it needs torch ({exc}); run "
-            f"`python -m facegate.export.mmod export {path}` where torch is installed"
-        ) from exc
-    export_mmod_onnx(path, dat_path)
-    return path
+    raise MmodModelError(
+        f"no ONNX export of {dat_path} in {', '.join(map(str, places))}; make it with "
+        f"`python -m facegate.export.mmod export {places[-1] / name} --dat {dat_path}` "
+        "(needs torch: facegate[train])"
+    )

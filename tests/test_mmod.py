@@ -30,7 +30,13 @@ from facegate.core.mmod import (
 torch = pytest.importorskip("torch")
 dlib = pytest.importorskip("dlib")
 
-from facegate.export.mmod import box_iou, mmod_spec, model_file, sample_photos  # noqa: E402
+from facegate.export.mmod import (  # noqa: E402
+    box_iou,
+    export_mmod_onnx,
+    mmod_spec,
+    model_file,
+    sample_photos,
+)
 
 LIVE_PHOTOS = 16
 SPEC = MmodSpec(
@@ -47,7 +53,8 @@ def net():
 
 @pytest.fixture(scope="module")
 def onnx_path(tmp_path_factory):
-    return mmod_onnx(tmp_path_factory.mktemp("mmod"))
+    """A fresh export, named as ``mmod_onnx`` names it."""
+    return export_mmod_onnx(tmp_path_factory.mktemp("mmod") / mmod_onnx().name)
 
 
 @pytest.fixture(scope="module")
@@ -156,11 +163,14 @@ def test_onnx_matches_dlib_live(celeba_root, detector, dlib_cnn):
     assert faces >= LIVE_PHOTOS * 0.7  # mostly one face per CelebA photo
 
 
-def test_the_packaged_export_is_a_fresh_export(onnx_path, detector):
+def test_the_packaged_export_is_a_fresh_export(onnx_path, detector, tmp_path):
     """The server runs the ONNX file the package ships (it has no torch to export one):
     it must be what exporting face_recognition_models' .dat gives today."""
     packaged = mmod_onnx()
     assert packaged.parent == PACKAGED and packaged.name == onnx_path.name
+    assert mmod_onnx(onnx_path.parent) == onnx_path
+    with pytest.raises(MmodModelError, match="facegate.export.mmod export"):
+        mmod_onnx(tmp_path)
     tile = np.random.default_rng(1).normal(0, 0.3, (3, 120, 96)).astype(np.float32)
     np.testing.assert_allclose(MmodDetector(packaged).scores(tile), detector.scores(tile), atol=1e-5)
 
