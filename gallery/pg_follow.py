@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import TYPE_CHECKING
 
 import psycopg
@@ -68,7 +69,7 @@ class Follower:
     def stop(self) -> None:
         self._stop.set()
         if self._thread.is_alive():
-            self._thread.join(timeout=self.poll_s + 5)
+            self._thread.join(timeout=10)
 
     def rebuild(self) -> None:
         """Replace the index with one snapshot of the database."""
@@ -166,10 +167,13 @@ class Follower:
                     self.catch_up()  # whatever committed while we were away
                     self._caught_up.set()
                     backoff = 0.2
+                    polled = time.monotonic()
                     while not self._stop.is_set():
-                        for _ in conn.notifies(timeout=self.poll_s, stop_after=1):
-                            pass
-                        self.catch_up()
+                        # Wait at most 1 s at a time, so stop() never waits for a long poll.
+                        woke = any(conn.notifies(timeout=min(self.poll_s, 1.0), stop_after=1))
+                        if woke or time.monotonic() - polled >= self.poll_s:
+                            self.catch_up()
+                            polled = time.monotonic()
             except (psycopg.Error, GalleryUnavailable) as e:
                 if self._stop.is_set():
                     return

@@ -144,6 +144,15 @@ def test_writes_on_one_replica_reach_the_other(url):
         wait_for(lambda: not b.search(vectors[1], 1), timeout=5)
 
 
+def test_notifications_wake_the_other_replica_long_before_its_poll(url):
+    rng = np.random.default_rng(8)
+    with PostgresGallery(url, model_id="m1", embedding_size=DIM, poll_s=60) as a, \
+            PostgresGallery(url, model_id="m1", embedding_size=DIM, poll_s=60) as b:
+        time.sleep(0.5)  # both listeners are waiting in LISTEN
+        made = a.create_identity("n", embeddings=unit(rng, 1))
+        assert wait_for(lambda: made.templates[0].template_id in indexed(b), timeout=5) < 5
+
+
 def test_catch_up_by_sequence_without_notifications(url):
     """A replica that heard nothing (follower stopped: as a dropped NOTIFY) catches up
     from the change sequence alone."""
