@@ -99,7 +99,7 @@ def test_prepare_defaults_to_dlib_chips_and_records_the_geometry(photo_folder, t
     out = tmp_path / "chips"
     report = prepare(photo_folder, out, workers=1, progress=False)
     assert report["geometry"] == {"method": "dlib_chip", "size": 150, "padding": 0.25}
-    assert report["detector"] == {"name": "dlib", "upsample": 1, "landmarks": "5", "cnn_fallback": False}
+    assert report["detector"] == {"name": "dlib", "upsample": 1, "landmarks": "5", "cnn_fallback": True}
     recorded = json.loads((out / "geometry.json").read_text())
     assert recorded["geometry"] == report["geometry"] and recorded["detector"]["landmarks"] == "5"
     with open(out / "crops.csv", newline="") as f:
