@@ -26,6 +26,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 CATCH_UP_BATCH = 5000
+CHANGES_RETENTION_S = 24 * 3600.0  # far longer than any replica should lag
+PRUNE_EVERY_S = 3600.0
 MAX_BACKOFF_S = 2.0
 
 
@@ -52,6 +54,7 @@ class Follower:
         self.poll_s = poll_s
         self.seq = 0
         self.stale: tuple[int, int, int] = (0, 0, 0)  # templates, identities, re-embeddable
+        self._pruned = time.monotonic()
         self._caught_up = threading.Event()
         self._stop = threading.Event()
         self._lock = threading.Lock()  # one catch-up or rebuild at a time
@@ -93,12 +96,21 @@ class Follower:
         log.info("gallery index built: %d templates, change sequence %d", len(rows), seq)
 
     def catch_up(self) -> int:
-        """Apply every committed change after ``seq``; returns how many were applied."""
+        """Apply every committed change after ``seq``; returns how many were applied.
+
+        One snapshot: if changes this replica has not applied were pruned
+        (:meth:`prune`: the oldest left is past ``seq + 1``), it rebuilds instead."""
         g = self.gallery
         applied = 0
         rebuild = False
-        with self._lock, g._connection() as conn:
-            while True:
+        with self._lock, g._connection() as conn, conn.transaction():
+            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            (oldest,) = conn.execute("SELECT MIN(seq) FROM changes").fetchone()
+            if oldest is not None and oldest > self.seq + 1:
+                log.warning("changes up to %d were pruned before this replica applied them "
+                            "(it is at %d): rebuilding its index", oldest - 1, self.seq)
+                rebuild = True
+            while not rebuild:
                 rows = conn.execute(
                     "SELECT c.seq, c.op, c.identity_id, c.row_id, i.name, t.template_id,"
                     " t.model_id, t.embedding FROM changes c"
@@ -109,7 +121,7 @@ class Follower:
                 ).fetchall()
                 if not rows:
                     break
-                rebuild = self._apply(rows) or rebuild
+                rebuild = self._apply(rows)
                 self.seq = rows[-1][0]
                 applied += len(rows)
             if applied:
@@ -117,6 +129,17 @@ class Follower:
         if rebuild:
             self.rebuild()
         return applied
+
+    def prune(self, older_than_s: float = CHANGES_RETENTION_S) -> int:
+        """Delete changes older than ``older_than_s``, always keeping the newest; returns how
+        many. Every replica runs it about hourly; a replica that had not applied a pruned
+        change rebuilds (see :meth:`catch_up`), so pruning can never lose an update."""
+        with self.gallery._connection() as conn:
+            return conn.execute(
+                "DELETE FROM changes WHERE seq < (SELECT MAX(seq) FROM changes)"
+                " AND created_at < clock_timestamp() - make_interval(secs => %s)",
+                (older_than_s,),
+            ).rowcount
 
     def _apply(self, rows: list[tuple]) -> bool:
         """Apply changes in order (consecutive additions as one batch); True if the index
@@ -174,6 +197,9 @@ class Follower:
                         if woke or time.monotonic() - polled >= self.poll_s:
                             self.catch_up()
                             polled = time.monotonic()
+                        if time.monotonic() - self._pruned >= PRUNE_EVERY_S:
+                            self._pruned = time.monotonic()
+                            self.prune()
             except (psycopg.Error, GalleryUnavailable) as e:
                 if self._stop.is_set():
                     return

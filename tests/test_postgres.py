@@ -170,6 +170,25 @@ def test_catch_up_by_sequence_without_notifications(url):
         assert b.applied_seq == a.applied_seq
 
 
+def test_pruned_changes_make_a_lagging_replica_rebuild_not_miss_them(url):
+    rng = np.random.default_rng(9)
+    with open_replica(url) as a, open_replica(url) as b:
+        b._follower.stop()  # b lags from here on
+        first = a.create_identity("first", embeddings=unit(rng, 1))
+        a.delete_identity("first")
+        kept = a.create_identity("kept", embeddings=unit(rng, 2))
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("UPDATE changes SET created_at = created_at - interval '2 days'")
+        assert a._follower.prune() > 0
+        with psycopg.connect(url) as conn:
+            (left,) = conn.execute("SELECT COUNT(*) FROM changes").fetchone()
+        assert left == 1  # the newest change is always kept
+        b._follower.catch_up()  # its next change was pruned: rebuild from the tables
+        assert indexed(b) == {t.template_id for t in kept.templates}
+        assert first.templates[0].template_id not in indexed(b)
+        assert a._follower.catch_up() == 0 and indexed(a) == indexed(b)
+
+
 def test_concurrent_writers_leave_every_replica_equal_to_the_database(url):
     rng = np.random.default_rng(3)
     vectors = unit(rng, 80)
