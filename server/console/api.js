@@ -13,7 +13,7 @@ export const keys = {
   },
 };
 
-export class ApiError extends Error {
+class ApiError extends Error {
   constructor(status, code, message) {
     super(message);
     this.status = status;

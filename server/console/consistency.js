@@ -25,7 +25,7 @@ function ranked(report) {
 }
 
 // What an operator can do about one identity, from where its threshold sits against t.
-export function advice(r, report) {
+function advice(r, report) {
   if (r.genuine_pairs === 0) return "One usable photo: add two or more so its own pairs can be measured.";
   if (r.impostor_pairs === 0) return "Nobody else enrolled yet to compare it with.";
   const far = r.far ?? 0;

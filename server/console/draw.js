@@ -6,7 +6,7 @@ const MAX_SIDE = 360;
 let geometryPromise = null;
 
 // Where the served model's alignment puts the five landmarks (fetched once, no key needed).
-export function geometry() {
+function geometry() {
   geometryPromise ??= fetch("geometry.json").then((r) => (r.ok ? r.json() : null)).catch(() => null);
   return geometryPromise;
 }
