@@ -8,11 +8,13 @@ if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then
 fi
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     export DEBIAN_FRONTEND=noninteractive
-    # The package lists may be empty in a fresh container; fetch them only then.
+    # The package lists may be empty in a fresh container; fetch them only then, or when
+    # they are stale (the install fails on versions the mirror no longer has).
     if ! apt-cache show chromium >/dev/null 2>&1; then
         apt-get update -qq
     fi
-    apt-get install -y -qq chromium chromium-driver >/dev/null
+    apt-get install -y -qq chromium chromium-driver >/dev/null \
+        || { apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null; }
     echo "system-deps: installed chromium $(/usr/bin/chromium --version 2>/dev/null || true)"
     exit 0
 fi
