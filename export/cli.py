@@ -47,10 +47,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--eval-data", type=Path, default=DEFAULT_DATA, help="photos for parity and accuracy"
     )
     trt.add_argument("--eval-images", type=int, default=400)
-    trt.add_argument(
-        "--detector", type=Path, help="also convert this SCRFD detector ONNX into the bundle"
-    )
-    trt.add_argument("--detector-size", type=int, default=640, help="detector input side")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -93,7 +89,7 @@ def _export(args: argparse.Namespace) -> dict:
             "simplification": bundle.manifest["export"]["simplification"],
         }
     else:
-        from facegate.export.tensorrt import export_detector_engine, export_embedder_engine
+        from facegate.export.tensorrt import export_embedder_engine
 
         summary = {
             "engine": export_embedder_engine(
@@ -106,11 +102,4 @@ def _export(args: argparse.Namespace) -> dict:
                 eval_images=args.eval_images,
             )
         }
-        if args.detector is not None:
-            summary["detector_engine"] = export_detector_engine(
-                args.bundle,
-                args.detector,
-                precision="fp16" if args.precision == "int8" else args.precision,
-                input_size=args.detector_size,
-            )
     return summary

@@ -30,7 +30,6 @@ from facegate.core.embed_tensorrt import (
 from facegate.core.errors import BundleError
 from facegate.core.preprocess import model_input
 from facegate.export.parity import (
-    DEFAULT_DATA,
     ParityError,
     accuracy_change,
     list_photos,
@@ -275,73 +274,4 @@ def export_embedder_engine(
         ),
     )
     add_file(bundle_path, filename, role="engine", **meta)
-    return {"file": filename, **meta}
-
-
-def export_detector_engine(
-    bundle_path: Path,
-    detector_onnx: Path,
-    *,
-    precision: str,
-    input_size: int = 640,
-    photo: Path | None = None,
-) -> dict[str, Any]:
-    """Convert an SCRFD detector ONNX into an engine stored and registered in the bundle.
-
-    Parity: every output of TensorRT vs ONNX Runtime on one real photo resized to the
-    input size, cosine of the flattened outputs >= ``MIN_COSINE[precision]``.
-    """
-    import cv2
-    import onnxruntime as ort
-    from facegate.core.embed_tensorrt import EngineSession
-    from facegate.core.image import decode
-    from facegate.core.scrfd import INPUT_MEAN, INPUT_STD
-
-    if precision == "int8":
-        raise BundleError("int8 is not supported for the detector: use fp16 or fp32")
-    bundle_path = Path(bundle_path)
-    trt = import_tensorrt()
-    slug = gpu_slug(gpu_name())
-    filename = engine_filename(Path(detector_onnx).stem, slug, trt.__version__, precision)
-    engine_path = bundle_path / filename
-    meta = build_engine(
-        Path(detector_onnx),
-        engine_path,
-        precision=precision,
-        max_batch=1,
-        timing_cache=bundle_path.parent
-        / f"{bundle_path.name}.{slug}.trt{trt.__version__}.timing.cache",
-        spatial=(input_size, input_size),
-    )
-    if photo is None:
-        photo = list_photos(DEFAULT_DATA)[0][0]
-    image = cv2.resize(decode(Path(photo).read_bytes()), (input_size, input_size))
-    blob = ((image.astype(np.float32) - INPUT_MEAN) / INPUT_STD).transpose(2, 0, 1)[None]
-    session = ort.InferenceSession(str(detector_onnx), providers=["CPUExecutionProvider"])
-    input_name = session.get_inputs()[0].name
-    expected = dict(
-        zip(
-            [o.name for o in session.get_outputs()],
-            session.run(None, {input_name: blob}),
-            strict=True,
-        )
-    )
-    engine = EngineSession(engine_path)
-    try:
-        got = engine.run({input_name: blob})
-    finally:
-        engine.close()
-    outputs = {
-        name: parity_report(
-            expected[name].reshape(1, -1),
-            got[name].reshape(1, -1),
-            min_cosine=MIN_COSINE[precision],
-        )
-        for name in expected
-    }
-    if not all(o["passed"] for o in outputs.values()):
-        engine_path.unlink(missing_ok=True)
-        raise ParityError(f"{precision} detector engine rejected: {outputs}")
-    meta.update(input_size=input_size, source=Path(detector_onnx).name, parity=outputs)
-    add_file(bundle_path, filename, role="detector_engine", **meta)
     return {"file": filename, **meta}
