@@ -1,7 +1,7 @@
 """Part 1, pipeline: one verify (two real photos) stage by stage, facegate vs its peers.
 
 - facegate: ``core.face.prepare_face`` (``core.image.decode`` -> ``core.detect.DlibDetector``:
-  HOG boxes + dlib's landmarks as the server picks them for the bundle -> ``core.align.align_face``
+  HOG boxes + dlib's landmarks as the server picks them for the bundle -> ``core.face.align_face``
   in the bundle's geometry) -> ``core.embed`` on ORT CPU.
 - face_recognition / dlib, rebuilt from the installed model files exactly as
   ``face_recognition.face_encodings`` runs them: PIL decode, HOG (upsample 1), the

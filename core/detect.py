@@ -32,7 +32,7 @@ from typing import Any, Literal, Protocol
 
 import cv2
 import numpy as np
-from facegate.core.align import arcface_from_dlib5
+from facegate.core.dlib_chip import arcface_from_dlib5
 from facegate.core.errors import MultipleFacesError, NoFaceError
 
 Box = tuple[float, float, float, float]

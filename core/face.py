@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from facegate.core.align import DLIB_CHIP_150, GEOMETRY_METHODS, Geometry, align_face
+from facegate.core.align import DLIB_CHIP_150, GEOMETRY_METHODS, Geometry, align
 from facegate.core.detect import (
     LANDMARK_MODELS,
     Detector,
@@ -27,6 +27,7 @@ from facegate.core.detect import (
     Policy,
     select_face,
 )
+from facegate.core.dlib_chip import dlib_chip_from_arcface, face_chip
 from facegate.core.errors import NoFaceError
 from facegate.core.image import decode_scaled
 
@@ -37,6 +38,7 @@ __all__ = [
     "PreparedFace",
     "LANDMARK_CHOICES",
     "add_geometry_arguments",
+    "align_face",
     "landmarks_for",
     "geometry_from_args",
     "prepare_face",
@@ -184,6 +186,24 @@ def prepare_faces(
             )
         )
     return prepared
+
+
+def align_face(image: np.ndarray, face: Face, geometry: Geometry) -> np.ndarray:
+    """The crop ``geometry`` makes of ``face`` in ``image``: (size, size, 3) uint8.
+
+    ``arcface_template`` uses ``face.landmarks`` (the ArcFace five); ``dlib_chip`` uses
+    ``face.dlib5`` when the face has them (exactly dlib's chip) and otherwise maps the
+    ArcFace five through ``dlib_chip.ARCFACE_IN_DLIB_FRAME`` (SCRFD faces).
+    """
+    if geometry.method == "arcface_template":
+        return align(image, face.landmarks, geometry.size)
+    if geometry.method == "dlib_chip":
+        assert geometry.padding is not None
+        dlib5 = getattr(face, "dlib5", None)
+        if dlib5 is not None:
+            return face_chip(image, dlib5, geometry.size, geometry.padding)
+        return dlib_chip_from_arcface(image, face.landmarks, geometry.size, geometry.padding)
+    raise ValueError(f"unknown geometry method {geometry.method!r}")
 
 
 def _decode_and_detect(

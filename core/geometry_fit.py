@@ -1,4 +1,4 @@
-"""Re-derive :data:`facegate.core.align.ARCFACE_IN_DLIB_FRAME` from real photos, and measure it.
+"""Re-derive :data:`facegate.core.dlib_chip.ARCFACE_IN_DLIB_FRAME` from real photos, and measure it.
 
 ``python -m facegate.core.geometry_fit [CSV] [--per-identity N]`` detects the faces of
 the shared CelebA subset with dlib's HOG detector, fits both of dlib's shape
@@ -30,16 +30,18 @@ from pathlib import Path
 import numpy as np
 from facegate.core.align import (
     ARCFACE_112,
+    DLIB_CHIP_150,
+    align,
+    similarity_transform,
+    template_for,
+)
+from facegate.core.dlib_chip import (
     ARCFACE_IN_DLIB_FRAME,
     DLIB5_TEMPLATE,
-    DLIB_CHIP_150,
-    _chip_affine,
-    align,
     arcface_from_dlib5,
     dlib_chip,
     dlib_chip_from_arcface,
-    similarity_transform,
-    template_for,
+    dlib_chip_transform,
 )
 
 DEFAULT_CSV = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "celeba-subset" / "identities.csv"
@@ -122,8 +124,8 @@ def evaluate(held_out: Sequence[Sample], template: np.ndarray | None = None) -> 
         approx = dlib_chip_from_arcface(s.image, s.arcface, g.size, g.padding, template)
         chip_diffs.append(float(np.abs(exact - approx.astype(np.int16)).mean()))
         # How far the chip's sampling grid moves, in chip pixels (mean over the chip).
-        a_exact = _chip_affine(DLIB5_TEMPLATE, s.dlib5, g.size, g.padding)
-        a_approx = _chip_affine(template, s.arcface, g.size, g.padding)
+        a_exact = dlib_chip_transform(s.dlib5, g.size, g.padding)
+        a_approx = dlib_chip_transform(s.arcface, g.size, g.padding, template=template)
         scale = float(np.sqrt(abs(np.linalg.det(a_exact[:, :2]))))
         grid_shifts.append(float((np.linalg.norm(grid @ (a_exact - a_approx).T, axis=1) / scale).mean()))
     errors = np.array(point_errors)

@@ -9,23 +9,19 @@ import cv2
 import dlib
 import numpy as np
 import pytest
-from facegate.core.align import (
-    ARCFACE_112,
+from facegate.core.align import ARCFACE_112, DLIB_CHIP_150, Geometry, align, as_geometry
+from facegate.core.detect import DlibDetector, Face, dlib_model_file, five_points_from_68
+from facegate.core.dlib_chip import (
     ARCFACE_IN_DLIB_FRAME,
     DLIB5_TEMPLATE,
-    DLIB_CHIP_150,
-    Geometry,
-    align,
-    align_face,
     arcface_from_dlib5,
-    as_geometry,
     dlib_chip,
     dlib_chip_transform,
 )
-from facegate.core.detect import DlibDetector, Face, dlib_model_file, five_points_from_68
 from facegate.core.errors import NoFaceError
 from facegate.core.face import (
     add_geometry_arguments,
+    align_face,
     geometry_from_args,
     landmarks_for,
     prepare_face,

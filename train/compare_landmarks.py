@@ -14,10 +14,11 @@ from pathlib import Path
 
 import numpy as np
 from facegate.core import metrics
-from facegate.core.align import DLIB_CHIP_150, align_face
+from facegate.core.align import DLIB_CHIP_150
 from facegate.core.bundle import load_bundle
 from facegate.core.detect import DlibDetector, Face, select_face
 from facegate.core.embed import create_embedder
+from facegate.core.face import align_face
 from facegate.core.image import decode
 from facegate.train.data import CropFolder, split_identities
 from facegate.train.verification import verification_metrics

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from facegate.core.align import ARCFACE_IN_DLIB_FRAME, template_for
+from facegate.core.align import template_for
+from facegate.core.dlib_chip import ARCFACE_IN_DLIB_FRAME
 from facegate.server.deps import ServicesDep
 from fastapi import APIRouter, HTTPException
 from fastapi.responses import FileResponse, RedirectResponse
