@@ -373,6 +373,7 @@ def test_delete_needs_confirmation_and_removes_the_identity(page):
     page.d.switch_to.alert.accept()
     page.wait.until(lambda d: not page.all("#identity-table tr[data-identity='7204']"))
     assert f"of {OTHERS} identities" in page.text("#list-summary")
+    page.wait.until(lambda d: f"{OTHERS} identities" in page.text("#ready"))
 
 
 def test_no_script_errors_in_the_browser_console(page):

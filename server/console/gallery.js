@@ -53,6 +53,7 @@ async function enrol(event) {
     $("enrol-form").reset();
     $("enrol-previews").replaceChildren();
     offset = 0;
+    document.dispatchEvent(new Event("gallery-changed"));
     await refresh();
   } catch (error) {
     showError($("enrol-error"), error);
@@ -68,6 +69,7 @@ async function remove(identity) {
   showError($("list-error"), null);
   try {
     await call("DELETE", `/v1/identities/${encodeURIComponent(identity.identity_id)}`, { admin: true });
+    document.dispatchEvent(new Event("gallery-changed"));
     await refresh();
   } catch (error) {
     showError($("list-error"), error);

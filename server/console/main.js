@@ -86,3 +86,4 @@ initSearch();
 initConsistency();
 initTabs();
 showReady();
+document.addEventListener("gallery-changed", showReady);  // the identity and template counts
