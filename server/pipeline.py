@@ -70,7 +70,6 @@ class FacePipeline:
         self.max_pixels = max_pixels
         self.max_detect_pixels = max_detect_pixels
         self._heavy_decodes = threading.BoundedSemaphore(heavy_decode_slots)
-        map_large_allocations()
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="face")
 
     def _detector(self) -> Detector:

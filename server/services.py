@@ -26,7 +26,7 @@ from facegate.gallery.pg_follow import GalleryUnavailable
 from facegate.gallery.protocol import GalleryStore, is_postgres_url, open_gallery
 from facegate.server.batching import MicroBatcher
 from facegate.server.metrics import ServerMetrics
-from facegate.server.pipeline import FacePipeline
+from facegate.server.pipeline import FacePipeline, map_large_allocations
 from facegate.server.settings import Settings
 
 T = TypeVar("T")
@@ -112,6 +112,7 @@ async def start_services(settings: Settings, metrics: ServerMetrics) -> Services
     embedder = await loop.run_in_executor(
         None, lambda: create_embedder(bundle, runtime=settings.runtime, flip=settings.flip)
     )
+    map_large_allocations()  # decoded images' memory back to the OS when freed (pipeline.py)
     pipeline = FacePipeline(
         _detector_factory(settings, bundle.geometry),
         geometry=bundle.geometry,
