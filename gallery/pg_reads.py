@@ -18,7 +18,6 @@ from facegate.gallery.records import (
     Identity,
     ReembedReport,
     Template,
-    geometry_label,
     mismatch_message,
     stack,
 )
@@ -145,28 +144,19 @@ class PostgresReads:
             return self._reembed_report(conn, 0)
 
     def _reembed_report(self, conn: psycopg.Connection, reembedded: int) -> ReembedReport:
-        reembeddable = without_crop = 0
-        other: dict[str, int] = {}
-        for has_crop, key, count in conn.execute(
+        groups = conn.execute(
             "SELECT crop IS NOT NULL, crop_geometry, COUNT(*) FROM templates"
             " WHERE model_id <> %s GROUP BY 1, 2",
             (self.model_id,),
-        ):
-            if not has_crop:
-                without_crop += count
-            elif key == self._geometry_key:
-                reembeddable += count
-            else:
-                label = geometry_label(key)
-                other[label] = other.get(label, 0) + count
+        ).fetchall()
         stale_identities, blocked_identities = conn.execute(
             "SELECT COUNT(DISTINCT identity_id), COUNT(DISTINCT CASE WHEN crop IS NULL"
             " OR crop_geometry IS NULL OR crop_geometry <> %s THEN identity_id END)"
             " FROM templates WHERE model_id <> %s",
             (self._geometry_key, self.model_id),
         ).fetchone()
-        return ReembedReport(
-            self.model_id, self.geometry, reembedded, reembeddable, other, without_crop,
+        return ReembedReport.from_counts(
+            self.model_id, self.geometry, self._geometry_key, reembedded, groups,
             stale_identities, blocked_identities,
         )
 

@@ -5,7 +5,7 @@ behave the same by construction."""
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import cv2
@@ -31,6 +31,34 @@ class ReembedReport:
     without_crop: int  # stale templates without a kept crop
     stale_identities: int  # identities that still hold stale templates
     blocked_identities: int  # identities holding a stale template that cannot be re-embedded
+
+    @classmethod
+    def from_counts(
+        cls,
+        model_id: str,
+        geometry: Geometry,
+        geometry_key: str,
+        reembedded: int,
+        groups: Iterable[tuple[bool, str | None, int]],
+        stale_identities: int,
+        blocked_identities: int,
+    ) -> ReembedReport:
+        """The report from a store's grouped count of stale templates: rows of (has a kept
+        crop, the crop's geometry key, count), the same query in every backend."""
+        reembeddable = without_crop = 0
+        other: dict[str, int] = {}
+        for has_crop, key, count in groups:
+            if not has_crop:
+                without_crop += count
+            elif key == geometry_key:
+                reembeddable += count
+            else:
+                label = geometry_label(key)
+                other[label] = other.get(label, 0) + count
+        return cls(
+            model_id, geometry, reembedded, reembeddable, other, without_crop,
+            stale_identities, blocked_identities,
+        )
 
     @property
     def refused(self) -> int:

@@ -40,7 +40,6 @@ from facegate.gallery.records import (
     decode_png,
     encode_png,
     geometry_key,
-    geometry_label,
     mismatch_message,
     per_row,
 )
@@ -408,35 +407,20 @@ class Gallery(SqliteReads):
         )
 
     def _reembed_report(self, db: sqlite3.Connection, reembedded: int) -> ReembedReport:
-        reembeddable = without_crop = 0
-        other: dict[str, int] = {}
-        for has_crop, key, count in db.execute(
+        groups = db.execute(
             "SELECT crop IS NOT NULL, crop_geometry, COUNT(*) FROM templates"
             " WHERE model_id != ? GROUP BY 1, 2",
             (self.model_id,),
-        ):
-            if not has_crop:
-                without_crop += count
-            elif key == self._geometry_key:
-                reembeddable += count
-            else:
-                label = geometry_label(key)
-                other[label] = other.get(label, 0) + count
+        ).fetchall()
         stale_identities, blocked_identities = db.execute(
             "SELECT COUNT(DISTINCT identity_id), COUNT(DISTINCT CASE WHEN crop IS NULL"
             " OR crop_geometry IS NULL OR crop_geometry != ? THEN identity_id END)"
             " FROM templates WHERE model_id != ?",
             (self._geometry_key, self.model_id),
         ).fetchone()
-        return ReembedReport(
-            self.model_id,
-            self.geometry,
-            reembedded,
-            reembeddable,
-            other,
-            without_crop,
-            stale_identities,
-            blocked_identities,
+        return ReembedReport.from_counts(
+            self.model_id, self.geometry, self._geometry_key, reembedded, groups,
+            stale_identities, blocked_identities,
         )
 
     def _require_identity(self, db: sqlite3.Connection, identity_id: str) -> None:
