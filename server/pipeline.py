@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import multiprocessing
 import platform
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from facegate.core.align import Geometry
@@ -45,10 +48,62 @@ def map_large_allocations(threshold: int = 1 << 20) -> bool:
     return bool(ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, threshold))
 
 
+@dataclass(frozen=True)
+class _Job:
+    """What a worker needs to prepare faces; picklable, so worker processes get it too."""
+
+    make_detector: Callable[[], Detector]  # a module-level function or a partial of one
+    geometry: Geometry
+    max_bytes: int
+    max_pixels: int
+    max_detect_pixels: int | None
+
+
+_worker = threading.local()  # per worker thread, or the one thread of a worker process
+
+
+def _start_worker(job: _Job, heavy_decodes: Any, own_process: bool) -> None:
+    _worker.job, _worker.heavy_decodes, _worker.detector = job, heavy_decodes, None
+    if own_process:
+        map_large_allocations()
+
+
+def _detector() -> Detector:
+    if _worker.detector is None:
+        _worker.detector = _worker.job.make_detector()
+    return _worker.detector
+
+
+def _limits() -> dict[str, Any]:
+    job = _worker.job
+    return {"max_bytes": job.max_bytes, "max_pixels": job.max_pixels,
+            "max_detect_pixels": job.max_detect_pixels, "decode_slot": _worker.heavy_decodes}
+
+
+def _prepare(data: bytes, policy: str) -> PreparedFace:
+    return prepare_face(data, _detector(), _worker.job.geometry, policy=policy, **_limits())
+
+
+def _prepare_every_face(data: bytes, max_faces: int) -> list[PreparedFace]:
+    return prepare_faces(data, _detector(), _worker.job.geometry, max_faces=max_faces, **_limits())
+
+
+def _warm_up() -> None:
+    _detector().detect(np.zeros((64, 64, 3), np.uint8))
+
+
 class FacePipeline:
-    """Runs :func:`prepare_face` on ``workers`` threads, each with its own detector,
-    cropping by ``geometry`` (the bundle's); ``heavy_decode_slots`` of them at most
-    decode a photo over ``max_detect_pixels`` at once."""
+    """Runs :func:`prepare_face` on ``workers`` threads, or with ``processes`` on that many
+    worker processes, each with its own detector, cropping by ``geometry`` (the
+    bundle's); ``heavy_decode_slots`` of them at most decode a photo over
+    ``max_detect_pixels`` at once.
+
+    Why processes: dlib's detectors and shape predictors hold Python's GIL while they
+    run, so detector threads take turns on one core (two threads detect 0.6x as fast as
+    one; docs/benchmarks.md). Worker processes use every core, at the price of their
+    own memory (models and decode buffers per process) and a start-up of a few seconds.
+    ``make_detector`` must then be picklable (a module-level function or a partial).
+    """
 
     def __init__(
         self,
@@ -61,51 +116,40 @@ class FacePipeline:
         max_detect_pixels: int | None = None,
         heavy_decode_slots: int = 2,
         workers: int = 4,
+        processes: bool = False,
     ) -> None:
-        self._make_detector = make_detector
-        self._local = threading.local()
         self.geometry = geometry
         self.policy = policy
-        self.max_bytes = max_bytes
-        self.max_pixels = max_pixels
-        self.max_detect_pixels = max_detect_pixels
-        self._heavy_decodes = threading.BoundedSemaphore(heavy_decode_slots)
-        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="face")
-
-    def _detector(self) -> Detector:
-        detector = getattr(self._local, "detector", None)
-        if detector is None:
-            detector = self._local.detector = self._make_detector()
-        return detector
-
-    def _limits(self) -> dict:
-        return {
-            "max_bytes": self.max_bytes,
-            "max_pixels": self.max_pixels,
-            "max_detect_pixels": self.max_detect_pixels,
-            "decode_slot": self._heavy_decodes,
-        }
-
-    def _prepare(self, data: bytes, policy: str) -> PreparedFace:
-        return prepare_face(data, self._detector(), self.geometry, policy=policy, **self._limits())
-
-    def _prepare_every_face(self, data: bytes, max_faces: int) -> list[PreparedFace]:
-        return prepare_faces(data, self._detector(), self.geometry, max_faces=max_faces, **self._limits())
+        self.workers = workers
+        job = _Job(make_detector, geometry, max_bytes, max_pixels, max_detect_pixels)
+        self._executor: Executor
+        if processes:
+            context = multiprocessing.get_context("spawn")  # no fork of a threaded server
+            self._executor = ProcessPoolExecutor(
+                max_workers=workers, mp_context=context, initializer=_start_worker,
+                initargs=(job, context.BoundedSemaphore(heavy_decode_slots), True),
+            )
+        else:
+            self._executor = ThreadPoolExecutor(
+                max_workers=workers, thread_name_prefix="face", initializer=_start_worker,
+                initargs=(job, threading.BoundedSemaphore(heavy_decode_slots), False),
+            )
 
     async def prepare(self, data: bytes, *, policy: str | None = None) -> PreparedFace:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._prepare, data, policy or self.policy)
+        return await loop.run_in_executor(self._executor, _prepare, data, policy or self.policy)
 
     async def prepare_every_face(self, data: bytes, *, max_faces: int) -> list[PreparedFace]:
         """Each face of the photo, largest first, ``max_faces`` at most (``prepare_faces``)."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._prepare_every_face, data, max_faces)
+        return await loop.run_in_executor(self._executor, _prepare_every_face, data, max_faces)
 
     async def warm_up(self) -> None:
-        """Create a detector and run it once, so the first request does not pay for it."""
+        """Start every worker and run its detector once, so requests do not pay for it."""
         loop = asyncio.get_running_loop()
-        blank = np.zeros((64, 64, 3), np.uint8)
-        await loop.run_in_executor(self._executor, lambda: self._detector().detect(blank))
+        await asyncio.gather(
+            *(loop.run_in_executor(self._executor, _warm_up) for _ in range(self.workers))
+        )
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)

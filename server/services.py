@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -97,11 +98,13 @@ class Services:
 
 
 def _detector_factory(settings: Settings, geometry: Geometry) -> Callable[[], Any]:
+    """A picklable detector maker (worker processes build their own detector from it)."""
     if settings.detector == "scrfd":
-        return lambda: create_detector("scrfd", path=settings.detector_model)
+        return partial(create_detector, "scrfd", path=settings.detector_model)
     landmarks = landmarks_for(geometry, settings.detector_landmarks)
-    return lambda: create_detector(
-        "dlib", upsample=settings.detector_upsample, boxes=settings.detector_boxes, landmarks=landmarks
+    return partial(
+        create_detector, "dlib", upsample=settings.detector_upsample,
+        boxes=settings.detector_boxes, landmarks=landmarks,
     )
 
 
@@ -122,6 +125,7 @@ async def start_services(settings: Settings, metrics: ServerMetrics) -> Services
         max_detect_pixels=settings.max_detect_pixels,
         heavy_decode_slots=settings.heavy_decode_slots,
         workers=settings.cpu_workers,
+        processes=settings.detect_processes,
     )
     await pipeline.warm_up()
     batcher = MicroBatcher(

@@ -88,7 +88,12 @@ class Settings(BaseSettings):
     batching: bool = Field(True, description="micro-batch embeddings across requests")
     batch_max_size: int = Field(32, ge=1)
     batch_max_wait_ms: float = Field(2.0, ge=0)
-    cpu_workers: int = Field(4, ge=1, description="threads for decode/detect/align")
+    cpu_workers: int = Field(4, ge=1, description="threads (or processes) for decode/detect/align")
+    detect_processes: bool = Field(
+        False, description="decode/detect/align in cpu_workers processes instead of threads: "
+        "dlib's detectors hold Python's GIL, so threads share one core; processes use them "
+        "all, each with its own models and memory (docs/server.md)",
+    )
     faiss_threads: int = Field(
         1, ge=1, description="OpenMP threads per gallery search: 1 suits one query per request "
         "(several threads wait on each other on a busy CPU; see docs/benchmarks.md)"
