@@ -1,95 +1,49 @@
-"""Part 4, gallery: 1:N search at 10k / 100k / 1M templates of 512 dimensions.
+"""Part 4, gallery: 1:N search at 10k / 100k / 1M templates of the default model's real embeddings.
 
-The queries and part of the base are real embeddings (aligned shared photos, embedded
-by the bench bundle); the rest of the base is synthetic but clustered like the real
-data: identities are random unit centres, and each template is its centre plus
-Gaussian noise scaled so the template-to-centre cosine matches the one measured on the
-real embeddings. facegate's ``gallery.index.TemplateIndex`` (flat, HNSW, IVF-Flat) is
-compared with FAISS IVF-PQ (not used by facegate) and NumPy brute force (the naive
-peer); recall is against exact search (chunked NumPy), and the flat scan is compared
-with this machine's memory-bandwidth bound.
+Base: the shared photos' enrolled templates embedded by the bundle, then synthetic fill
+shaped like them (`bench.gallery_data`); queries: the enrolled people's held-out real
+photos. Ground truth is exact search (chunked NumPy), so R@1 is the share of queries
+whose top hit is the exact top hit. Swept: IVF-Flat over nlist and nprobe, HNSW over
+efSearch, IVF-SQ8 (not served; its recall next to its memory), facegate's
+``TemplateIndex`` as the server builds it (flat, ivf, auto), FAISS flat with its default
+threads (the old single-query path) and NumPy brute force (the peer). Latency is of
+single queries, one at a time, on one FAISS thread unless the row says otherwise.
 """
 
 from __future__ import annotations
 
 import gc
 import math
-import sqlite3
 import time
-from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
-from bench.assets import bundle_info, real_crops, resolve_bundle
-from bench.measure import rss_bytes, summarise
-from bench.report import fmt, ratio, table
+from bench.gallery_data import CHUNK, Shape, real_embeddings, shape_stats, split_real
+from bench.measure import summarise
 
 SIZES = {
-    "full": {"sizes": [10_000, 100_000, 1_000_000], "hnsw_max": 100_000, "queries": 200,
-             "real_photos": 240, "per_identity": 4, "search_budget_s": 8.0,
-             "bandwidth_mib": 512, "store_templates": 2_000},
-    "smoke": {"sizes": [2_000], "hnsw_max": 2_000, "queries": 8, "real_photos": 8,
-              "per_identity": 2, "search_budget_s": 1.0, "bandwidth_mib": 16,
-              "store_templates": 40},
+    "full": {"sizes": [10_000, 100_000, 1_000_000], "identities": None, "enrol": 4,
+             "queries": 500, "timed": 200, "budget_s": 3.0, "nlist_factors": [1, 2, 4],
+             "nprobes": [4, 8, 16, 32, 64, 96, 128, 160, 192, 256, 384], "hnsw_m": 32,
+             "hnsw_max": 100_000,
+             "ef_searches": [16, 32, 64, 128, 256]},
+    "smoke": {"sizes": [3_000], "identities": 6, "enrol": 4, "queries": 20, "timed": 10,
+              "budget_s": 0.5, "nlist_factors": [1], "nprobes": [1, 4], "hnsw_m": 16,
+              "hnsw_max": 3_000, "ef_searches": [16]},
 }
 K = 10
-DIM_CHUNK = 100_000
-
-
-def l2n(x: np.ndarray) -> np.ndarray:
-    return (x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)).astype(np.float32)
-
-
-def within_identity_cosine(embeddings: np.ndarray, labels: list[str]) -> tuple[float, float]:
-    """Mean and std of each template's cosine to its identity's mean direction (>= 2 templates)."""
-    cosines = []
-    labels_arr = np.asarray(labels)
-    for label in np.unique(labels_arr):
-        members = embeddings[labels_arr == label]
-        if len(members) < 2:
-            continue
-        centre = l2n(members.mean(axis=0, keepdims=True))[0]
-        cosines.extend(members @ centre)
-    if not cosines:
-        raise ValueError("no identity has two or more embeddings")
-    return float(np.mean(cosines)), float(np.std(cosines))
-
-
-def noise_scale(cosine_to_mean: float, group_size: int) -> float:
-    """Noise norm s giving templates the measured cosine to their group's *sample* mean.
-
-    A template is c + s*u (u a random unit vector, orthogonal to c in high dimension);
-    the mean of g such templates is c + s*u_bar with |u_bar|^2 = 1/g, so the cosine of a
-    template to it is sqrt(1 + s^2/g) / sqrt(1 + s^2). Solving for s:
-    s^2 = (1 - rho^2) / (rho^2 - 1/g).
-    """
-    g = max(group_size, 2)
-    rho2 = min(max(cosine_to_mean, 1e-3), 0.999) ** 2
-    return math.sqrt((1.0 - rho2) / max(rho2 - 1.0 / g, 1e-3))
-
-
-def clustered_vectors(n: int, dim: int, cluster_size: int, scale: float,
-                      rng: np.random.Generator) -> np.ndarray:
-    """`n` unit vectors in clusters of `cluster_size` around random unit centres."""
-    out = np.empty((n, dim), dtype=np.float32)
-    for start in range(0, n, DIM_CHUNK):
-        m = min(DIM_CHUNK, n - start)
-        centres = l2n(rng.standard_normal((-(-m // cluster_size), dim), dtype=np.float32))
-        centres = np.repeat(centres, cluster_size, axis=0)[:m]
-        noise = rng.standard_normal((m, dim), dtype=np.float32) * np.float32(scale / math.sqrt(dim))
-        out[start:start + m] = l2n(centres + noise)
-    return out
+TARGET_RECALL = 0.99
+TARGET_P50_MS = 5.0
 
 
 def exact_topk(base: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
     """Ids of the exact top-k inner products, computed in chunks with NumPy (the ground truth)."""
     best_s = np.full((len(queries), 0), -np.inf, dtype=np.float32)
     best_i = np.zeros((len(queries), 0), dtype=np.int64)
-    for start in range(0, len(base), DIM_CHUNK):
-        scores = queries @ base[start:start + DIM_CHUNK].T
+    for start in range(0, len(base), CHUNK):
+        scores = queries @ base[start:start + CHUNK].T
         top = np.argpartition(-scores, min(k, scores.shape[1] - 1), axis=1)[:, :k]
         best_s = np.concatenate([best_s, np.take_along_axis(scores, top, 1)], axis=1)
         best_i = np.concatenate([best_i, top + start], axis=1)
@@ -111,55 +65,14 @@ def numpy_search(base: np.ndarray, query: np.ndarray, k: int) -> np.ndarray:
     return top[np.argsort(-scores[top])]
 
 
-def memory_bandwidth(mib: int) -> dict[str, float]:
-    """Best-of-3 read (sum) and copy bandwidth in GB/s over a `mib` MiB float32 array."""
-    a = np.ones(mib * 2**18, dtype=np.float32)
-    b = np.empty_like(a)
-    read, copy = [], []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        a.sum()
-        read.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        np.copyto(b, a)
-        copy.append(time.perf_counter() - t0)
-    return {"read_gb_s": a.nbytes / min(read) / 1e9, "copy_gb_s": 2 * a.nbytes / min(copy) / 1e9}
-
-
-def scan_bound_ms(n: int, dim: int, bandwidth: dict[str, float]) -> float:
-    """Milliseconds to stream an (n, dim) float32 base once at the best measured memory rate."""
-    best = max(bandwidth["read_gb_s"], bandwidth["copy_gb_s"])
-    return n * dim * 4 / (best * 1e9) * 1000
-
-
-def real_embeddings(workdir: Path, photos: int, per_identity: int) -> tuple[np.ndarray, list[str], dict]:
-    from facegate.core.bundle import load_bundle
-    from facegate.core.embed import create_embedder
-
-    bundle_path, stand_in = resolve_bundle(workdir)
-    bundle = load_bundle(bundle_path)
-    crops, identities = real_crops(photos, per_identity, bundle.geometry)
-    embedder = create_embedder(bundle, runtime="onnxruntime-cpu")
-    return embedder.embed(crops), list(identities), bundle_info(bundle_path, stand_in)
-
-
-def split_real(embeddings: np.ndarray, labels: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """(probes, enrolled): each identity's first embedding probes, the rest are enrolled."""
-    seen: set[str] = set()
-    probe_rows, base_rows = [], []
-    for row, label in enumerate(labels):
-        (base_rows if label in seen else probe_rows).append(row)
-        seen.add(label)
-    return embeddings[probe_rows], embeddings[base_rows]
-
-
 def single_query_times(search: Callable[[np.ndarray], object], queries: np.ndarray,
-                       budget_s: float) -> list[float]:
+                       count: int, budget_s: float) -> list[float]:
+    """Durations of one-query searches (one warm-up), up to `count` or until `budget_s` is spent."""
     search(queries[0])
     times: list[float] = []
     deadline = time.perf_counter() + budget_s
-    for q in queries:
-        if times and time.perf_counter() > deadline:
+    for q in queries[:count]:
+        if len(times) >= 10 and time.perf_counter() > deadline:
             break
         t0 = time.perf_counter()
         search(q)
@@ -167,223 +80,161 @@ def single_query_times(search: Callable[[np.ndarray], object], queries: np.ndarr
     return times
 
 
-def measure_index(name: str, build: Callable[[], object], base: np.ndarray, queries: np.ndarray,
-                  exact: np.ndarray, budget_s: float) -> dict:
-    """Build a FAISS-backed index, then time single queries with FAISS's default threads and with one.
+def row(index: str, params: str, n: int, found: np.ndarray, exact: np.ndarray,
+        times: list[float], build_s: float, index_bytes: float, family: str) -> dict:
+    return {"index": index, "params": params, "family": family, "n": n,
+            "recall_at_1": float(np.mean(found[:, 0] == exact[:, 0])),
+            "recall_at_10": recall(found, exact, K), "search": summarise(times),
+            "build_s": build_s, "bytes_per_template": index_bytes / n}
 
-    ``build()`` returns an object whose ``search(queries (m, d), k)`` gives (scores, ids).
-    On a loaded machine OpenMP threads wait for each other, so the one-thread figure is
-    reported next to the default.
-    """
+
+def faiss_bytes(index: object) -> int:
+    """Serialised size of a FAISS index: what it holds in memory, without allocator slack."""
+    import faiss
+
+    return int(faiss.serialize_index(index).nbytes)
+
+
+def sweep(name: str, family: str, build: Callable[[], object], knob: str, values: list[int],
+          base: np.ndarray, queries: np.ndarray, exact: np.ndarray, sizes: dict) -> list[dict]:
+    """Build one FAISS index, then measure it at each search-time knob value (one thread)."""
     import faiss
 
     gc.collect()
-    before = rss_bytes()
     t0 = time.perf_counter()
     index = build()
     build_s = time.perf_counter() - t0
-    memory = rss_bytes() - before
-    _, found = index.search(queries, K)
-    times = single_query_times(lambda q: index.search(q[None], K), queries, budget_s)
-    threads = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    try:
-        one_thread = single_query_times(lambda q: index.search(q[None], K), queries, budget_s)
-    finally:
-        faiss.omp_set_num_threads(threads)
-    row = _row(name, len(base), build_s, times, found, exact, memory)
-    row["search_1_thread"] = summarise(one_thread)
-    row["faiss_threads"] = threads
-    return row
+    nbytes = faiss_bytes(index)
+    out = []
+    for value in values:
+        faiss.ParameterSpace().set_index_parameter(index, knob, value)
+        _, found = index.search(queries, K)
+        times = single_query_times(lambda q: index.search(q[None], K), queries,
+                                   sizes["timed"], sizes["budget_s"])
+        out.append(row(name, f"{knob}={value}", len(base), found, exact, times, build_s, nbytes,
+                       family))
+    return out
 
 
-def bench_template_index(kind: str, base: np.ndarray, queries: np.ndarray, exact: np.ndarray,
-                         budget_s: float) -> dict:
-    from facegate.gallery.index import TemplateIndex, ivf_lists
-
-    def build() -> TemplateIndex:
-        index = TemplateIndex(base.shape[1], kind, gpu=False)
-        index.build(np.arange(len(base)), base)
-        return index
-
-    name = f"facegate {kind}"
-    if kind == "ivf" and not ivf_lists(len(base)):
-        name += " (too few vectors to train: flat)"
-    return measure_index(name, build, base, queries, exact, budget_s)
-
-
-def bench_ivfpq(base: np.ndarray, queries: np.ndarray, exact: np.ndarray, budget_s: float) -> dict:
+def ivf_rows(base: np.ndarray, queries: np.ndarray, exact: np.ndarray, sizes: dict) -> list[dict]:
     import faiss
-    from facegate.gallery.index import IVF_NPROBE, ivf_lists
 
-    nlist = max(ivf_lists(len(base)), 4)
+    n, dim = base.shape
+    rows = []
+    root = int(math.sqrt(n))
+    for factor in sizes["nlist_factors"]:
+        nlist = factor * root
+        if n < 39 * nlist:
+            continue
+        codes = [("IVF-Flat", "Flat", "ivf")]
+        if factor == sizes["nlist_factors"][-1]:
+            codes.append(("IVF-SQ8", "SQ8", "compressed"))
+        for label, code, family in codes:
+            def build(code: str = code, nlist: int = nlist) -> faiss.Index:
+                index = faiss.index_factory(dim, f"IVF{nlist},{code}", faiss.METRIC_INNER_PRODUCT)
+                faiss.extract_index_ivf(index).cp.max_points_per_centroid = 64
+                index.train(base)
+                index.add(base)
+                return index
+            probes = [p for p in sizes["nprobes"] if p <= nlist]
+            rows += sweep(f"{label} nlist={nlist}", family, build, "nprobe", probes, base, queries,
+                          exact, sizes)
+    return rows
+
+
+def hnsw_rows(base: np.ndarray, queries: np.ndarray, exact: np.ndarray, sizes: dict) -> list[dict]:
+    import faiss
+
+    m = sizes["hnsw_m"]
 
     def build() -> faiss.Index:
-        index = faiss.IndexIVFPQ(faiss.IndexFlatIP(base.shape[1]), base.shape[1], nlist, 64, 8,
-                                 faiss.METRIC_INNER_PRODUCT)
-        rows = np.random.default_rng(1).choice(len(base), min(len(base), 64 * nlist + 10_000),
-                                               replace=False)
-        index.train(base[np.sort(rows)])
+        index = faiss.IndexHNSWFlat(base.shape[1], m, faiss.METRIC_INNER_PRODUCT)
         index.add(base)
-        index.nprobe = min(nlist, IVF_NPROBE)
         return index
 
-    return measure_index(f"faiss IVF-PQ (nlist={nlist}, m=64; not in facegate)", build, base,
-                         queries, exact, budget_s)
+    return sweep(f"HNSW M={m}", "hnsw", build, "efSearch", sizes["ef_searches"], base, queries,
+                 exact, sizes)
 
 
-def numpy_row(base: np.ndarray, queries: np.ndarray, exact: np.ndarray, budget_s: float) -> dict:
-    found = np.stack([numpy_search(base, q, K) for q in queries])
-    times = single_query_times(lambda q: numpy_search(base, q, K), queries, budget_s)
-    row = _row("NumPy brute force (peer)", len(base), float("nan"), times, found, exact, base.nbytes)
-    row["add_per_s"] = float("nan")
-    return row
+def facegate_rows(base: np.ndarray, queries: np.ndarray, exact: np.ndarray, sizes: dict) -> list[dict]:
+    """``TemplateIndex`` as the server builds it, searched as the server does (one query a call)."""
+    from facegate.gallery.index import TemplateIndex, auto_kind
 
-
-def _row(name: str, n: int, build_s: float, times: list[float], found: np.ndarray,
-         exact: np.ndarray, memory: int) -> dict:
-    return {"index": name, "n": n,
-            "add_per_s": n / build_s if build_s > 0 else float("nan"),
-            "build_s": build_s, "search": summarise(times),
-            "recall_at_1": float(np.mean(found[:, 0] == exact[:, 0])),
-            "recall_at_10": recall(found, exact, K), "memory_mb": memory / 1e6}
-
-
-def bench_store(n: int, dim: int, workdir: Path, vectors: np.ndarray, budget_s: float) -> dict:
-    """facegate.gallery.Gallery: durable enrol (SQLite WAL, one transaction per identity) and search."""
-    from facegate.gallery import Gallery
-
-    path = workdir / "bench-gallery.sqlite"
-    for suffix in ("", "-wal", "-shm"):
-        Path(str(path) + suffix).unlink(missing_ok=True)
-    per_identity = 4
-    with Gallery(path, model_id="bench", embedding_size=dim) as gallery:
+    rows = []
+    for kind in ("flat", "ivf"):
+        gc.collect()
         t0 = time.perf_counter()
-        for start in tqdm(range(0, n, per_identity), desc="gallery store enrol", leave=False):
-            gallery.create_identity(None, embeddings=vectors[start:start + per_identity])
-        enrol_s = time.perf_counter() - t0
-        times = single_query_times(lambda q: gallery.search(q, K), vectors[:50], budget_s)
-    with sqlite3.connect(path) as db:
-        (count,) = db.execute("SELECT COUNT(*) FROM templates").fetchone()
-    return {"templates": int(count), "enrol_templates_per_s": count / enrol_s,
-            "identities_per_s": count / per_identity / enrol_s, "search": summarise(times),
-            "file_mb": path.stat().st_size / 1e6}
+        index = TemplateIndex(base.shape[1], kind, gpu=False)
+        index.build(np.arange(len(base)), base)
+        build_s = time.perf_counter() - t0
+        found = np.concatenate([index.search(queries[i:i + 1], K)[1] for i in range(len(queries))])
+        times = single_query_times(lambda q, index=index: index.search(q, K), queries,
+                                   sizes["timed"], sizes["budget_s"])
+        rows.append(row(f"facegate {kind}", f"backend {index.backend}", len(base), found, exact,
+                        times, build_s, faiss_bytes(index._index), "facegate"))
+    auto = next(r for r in rows if r["index"] == f"facegate {auto_kind(len(base))}")
+    return rows + [{**auto, "index": "facegate auto (the server's default)"}]
+
+
+def peer_rows(base: np.ndarray, queries: np.ndarray, exact: np.ndarray, sizes: dict) -> list[dict]:
+    """NumPy brute force, and FAISS flat with its default OpenMP threads (the old search path)."""
+    import faiss
+
+    found = np.stack([numpy_search(base, q, K) for q in queries])
+    times = single_query_times(lambda q: numpy_search(base, q, K), queries, sizes["timed"],
+                               sizes["budget_s"])
+    out = [row("NumPy brute force (peer)", "-", len(base), found, exact, times, 0.0, base.nbytes,
+               "peer")]
+    flat = faiss.IndexFlatIP(base.shape[1])
+    flat.add(base)
+    threads = faiss.omp_get_max_threads()
+    times = single_query_times(lambda q: flat.search(q[None], K), queries, sizes["timed"],
+                               sizes["budget_s"])
+    out.append(row(f"FAISS flat, {threads} OpenMP threads (old path)", "-", len(base),
+                   flat.search(queries, K)[1], exact, times, 0.0, faiss_bytes(flat), "peer"))
+    return out
 
 
 def run(sizes: dict, workdir: Path) -> dict:
+    import faiss
+
     rng = np.random.default_rng(0)
-    embeddings, labels, model = real_embeddings(workdir, sizes["real_photos"], sizes["per_identity"])
-    mean_cos, std_cos = within_identity_cosine(embeddings, labels)
-    counts = [c for c in Counter(labels).values() if c >= 2]
-    group = int(np.median(counts))
-    scale = noise_scale(mean_cos, group)
-    probes, enrolled = split_real(embeddings, labels)
-    cluster = max(1, group - 1)
-    bandwidth = memory_bandwidth(sizes["bandwidth_mib"])
-    dim = embeddings.shape[1]
-    rows = []
+    embeddings, labels, model = real_embeddings(workdir, sizes["identities"])
+    shape = Shape(embeddings, labels)
+    enrolled, enrolled_labels, held_out = split_real(embeddings, labels, sizes["enrol"])
+    queries = held_out[np.sort(rng.choice(len(held_out), min(sizes["queries"], len(held_out)),
+                                          replace=False))]
+    check = shape.sample(max(shape.identities, 200), 20, rng)
+    stats = {"real": shape_stats(embeddings, labels, rng),
+             "synthetic": shape_stats(check, [str(i // 20) for i in range(len(check))], rng)}
+    rows, faiss_threads = [], faiss.omp_get_max_threads()
     for n in sizes["sizes"]:
-        print(f"bench: gallery {n:,} x {dim}", flush=True)
-        base = np.empty((n, dim), dtype=np.float32)
-        base[: len(enrolled)] = enrolled
-        base[len(enrolled):] = clustered_vectors(n - len(enrolled), dim, cluster, scale, rng)
-        extra = max(0, sizes["queries"] - len(probes))
-        synthetic_probes = l2n(base[len(enrolled):][rng.choice(n - len(enrolled), extra)]
-                               + rng.standard_normal((extra, dim), dtype=np.float32)
-                               * np.float32(scale / math.sqrt(dim)))
-        queries = np.concatenate([probes, synthetic_probes])[: sizes["queries"]]
+        print(f"bench: gallery {n:,} x {embeddings.shape[1]}", flush=True)
+        fill = shape.sample(-(-(n - len(enrolled)) // sizes["enrol"]), sizes["enrol"], rng)
+        base = np.concatenate([enrolled, fill[: n - len(enrolled)]])
+        del fill
         exact = exact_topk(base, queries, K)
-        kinds = ["flat", "ivf"] + (["hnsw"] if n <= sizes["hnsw_max"] else [])
-        for kind in tqdm(kinds, desc=f"indexes at {n:,}", leave=False):
-            rows.append(bench_template_index(kind, base, queries, exact, sizes["search_budget_s"]))
-        rows.append(bench_ivfpq(base, queries, exact, sizes["search_budget_s"]))
-        rows.append(numpy_row(base, queries, exact, sizes["search_budget_s"]))
-        bound_ms = scan_bound_ms(n, dim, bandwidth)
-        for row in rows:
-            if row["n"] == n:
-                row["bandwidth_bound_ms"] = bound_ms
+        rows += peer_rows(base, queries, exact, sizes)
+        faiss.omp_set_num_threads(1)
+        try:
+            rows += facegate_rows(base, queries, exact, sizes)
+            rows += ivf_rows(base, queries, exact, sizes)
+            if n <= sizes["hnsw_max"]:
+                rows += hnsw_rows(base, queries, exact, sizes)
+        finally:
+            faiss.omp_set_num_threads(faiss_threads)
+        print(f"bench: gallery {n:,} done", flush=True)
         del base
         gc.collect()
-    store = bench_store(sizes["store_templates"], dim, workdir,
-                        l2n(clustered_vectors(sizes["store_templates"], dim, 4, scale, rng)),
-                        sizes["search_budget_s"])
-    return {
-        "model": model, "dim": dim, "k": K,
-        "real": {"embeddings": len(embeddings), "identities": len(set(labels)),
-                 "probes": len(probes), "enrolled": len(enrolled),
-                 "cosine_to_centre_mean": mean_cos, "cosine_to_centre_std": std_cos,
-                 "group_size": group, "noise_scale": scale, "synthetic_cluster_size": cluster},
-        "queries": sizes["queries"], "hnsw_max": sizes["hnsw_max"],
-        "bandwidth": bandwidth, "rows": rows, "store": store,
-        "pending": {"faiss GPU (flat / IVF)": "pending: no GPU lent to this task"},
-    }
+    return {"model": model, "dim": int(embeddings.shape[1]), "k": K,
+            "real": {"embeddings": len(embeddings), "identities": shape.identities,
+                     "enrolled": len(enrolled), "per_identity": sizes["enrol"],
+                     "queries": len(queries), "held_out": len(held_out)},
+            "shape": stats, "faiss_threads": faiss_threads, "rows": rows,
+            "target": {"recall_at_1": TARGET_RECALL, "p50_ms": TARGET_P50_MS}}
 
 
 def markdown(result: dict) -> str:
-    real = result["real"]
-    model = result["model"]
-    bw = result["bandwidth"]
-    text = (
-        f"{result['dim']}-d templates, k={result['k']}. Real part: {real['embeddings']} aligned "
-        f"shared photos of {real['identities']} people embedded by `{model['model_id']}`"
-        + (" (an untrained stand-in, so its clusters are not a trained model's)" if model["stand_in"] else "")
-        + f"; each person's first photo is a query ({real['probes']}), the rest "
-        f"({real['enrolled']}) are enrolled. Synthetic fill: clusters of "
-        f"{real['synthetic_cluster_size']} around random unit centres with noise scale "
-        f"{real['noise_scale']:.3f}, chosen so that groups of {real['group_size']} reproduce the "
-        f"measured cosine of a real template to its person's mean, "
-        f"{real['cosine_to_centre_mean']:.3f} +- {real['cosine_to_centre_std']:.3f}. "
-        f"{result['queries']} queries (real probes first, then synthetic); single-query "
-        "latency over as many queries as fit a time budget (n shown); recall against exact "
-        "chunked NumPy search. Add rate includes training (IVF) and graph building (HNSW). "
-        f"HNSW is built only up to {result['hnsw_max']:,} vectors (its build alone would "
-        "take longer than the whole run budget at 1M on 2 cores). Memory is RSS growth "
-        "while building (NumPy: the array itself); below ~100 MB the allocator reuses memory "
-        "freed by the previous index, so small figures understate. The synthetic centres are uniform on the "
-        "sphere, with none of the coarse structure real embeddings have, which is the hard "
-        "case for IVF's coarse quantiser: read its recall as a lower bound.\n\n"
-        f"Memory bandwidth on this machine: read {bw['read_gb_s']:.1f} GB/s, copy "
-        f"{bw['copy_gb_s']:.1f} GB/s (bytes read + written); the bound is the time to stream the "
-        "whole base once at the better of the two rates.\n\n"
-    )
-    rows = []
-    for r in result["rows"]:
-        s = r["search"]
-        one = r.get("search_1_thread", {}).get("p50_ms")
-        rows.append([f"{r['n']:,}", r["index"], r["add_per_s"], s["p50_ms"], s["p99_ms"], one, s["n"],
-                     r["recall_at_1"], r["recall_at_10"], r["memory_mb"],
-                     ratio(s["p50_ms"], r["bandwidth_bound_ms"])])
-    text += table(["n", "index", "add /s", "search p50 ms", "p99 ms", "p50 ms, 1 FAISS thread",
-                   "queries timed",
-                   "recall@1", "recall@10", "memory MB", "p50 / bandwidth bound"], rows)
-    text += "\n" + table(["GPU index", "status"], [[k, v] for k, v in result["pending"].items()])
-    st = result["store"]
-    text += (
-        f"\nThe durable store (`facegate.gallery.Gallery`: SQLite WAL with synchronous=FULL, one "
-        f"transaction per enrolled identity of 4 templates, flat index): {st['templates']:,} "
-        f"templates enrolled at {st['enrol_templates_per_s']:.0f} templates/s "
-        f"({st['identities_per_s']:.0f} identities/s), search p50 {fmt(st['search']['p50_ms'])} ms "
-        f"/ p99 {fmt(st['search']['p99_ms'])} ms, file {st['file_mb']:.1f} MB.\n"
-    )
-    waits = [r for r in result["rows"] if "search_1_thread" in r
-             and r["search"]["p50_ms"] > 2 * r["search_1_thread"]["p50_ms"]]
-    if waits:
-        text += (
-            "\nOn this loaded 2-core machine FAISS's default OpenMP threads wait for each other on "
-            "single queries: " + ", ".join(
-                f"{r['index']} at {r['n']:,} ({fmt(r['search']['p50_ms'])} ms vs "
-                f"{fmt(r['search_1_thread']['p50_ms'])} ms with one thread)" for r in waits)
-            + ". facegate.gallery searches one query per request with the default threads.\n")
-    by_n: dict[int, dict[str, dict]] = {}
-    for r in result["rows"]:
-        by_n.setdefault(r["n"], {})[r["index"]] = r
-    for n, group in by_n.items():
-        peer = group.get("NumPy brute force (peer)")
-        for name, r in group.items():
-            if name.startswith("facegate") and peer:
-                q = ratio(r["search"]["p50_ms"], peer["search"]["p50_ms"])
-                if q > 1.05:
-                    one = ratio(r["search_1_thread"]["p50_ms"], peer["search"]["p50_ms"])
-                    text += (f"\nAt {n:,} vectors {name} searches slower than NumPy brute force "
-                             f"({fmt(q)}x its p50; {fmt(one)}x with one FAISS thread).\n")
-    return text
+    from bench.gallery_report import render
+
+    return render(result)
