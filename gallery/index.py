@@ -10,8 +10,9 @@ Kinds:
 - ``hnsw``: ``IndexHNSWFlat`` (inner product, M=32). HNSW cannot remove vectors, so
   deletions are tombstoned, filtered out of results, and the owner rebuilds the index
   once the tombstoned share passes `REBUILD_DELETED_SHARE`.
-- ``ivf``: ``IndexIVFFlat`` with ``nlist = 2 sqrt(n)`` lists, trained when there are at
-  least `IVF_TRAIN_PER_LIST` vectors per list; below that it falls back to flat. It
+- ``ivf``: ``IndexIVFFlat`` with ``nlist = 2 sqrt(n)`` lists, or fewer where there are
+  not `IVF_TRAIN_PER_LIST` vectors a list to train them; below `IVF_MIN_LISTS` lists it
+  falls back to flat. It
   probes ``nlist ** (2/3)`` lists: on the default model's real embeddings (a narrow
   cone, not a uniform sphere) R@1 >= 0.99 took scanning ~15% of 20k templates, ~10% of
   100k and ~8% of 1M (docs/gallery.md). The owner rebuilds (and retrains) once the
@@ -100,8 +101,8 @@ def gpu_available() -> bool:
 
 def ivf_lists(n: int) -> int:
     """Number of IVF lists for `n` vectors, or 0 when `n` is too few to train (flat fallback)."""
-    nlist = min(IVF_MAX_LISTS, max(IVF_MIN_LISTS, int(IVF_LISTS_PER_SQRT * math.sqrt(n))))
-    return nlist if n >= IVF_TRAIN_PER_LIST * nlist else 0
+    nlist = min(IVF_MAX_LISTS, int(min(IVF_LISTS_PER_SQRT * math.sqrt(n), n / IVF_TRAIN_PER_LIST)))
+    return nlist if nlist >= IVF_MIN_LISTS else 0
 
 
 def ivf_probes(nlist: int) -> int:
