@@ -98,7 +98,10 @@ class Settings(BaseSettings):
         1, ge=1, description="OpenMP threads per gallery search: 1 suits one query per request "
         "(several threads wait on each other on a busy CPU; see docs/benchmarks.md)"
     )
-    index: str = Field("flat", description="FAISS index kind of the gallery")
+    index: str = Field(
+        "auto", description="FAISS index of the gallery: flat, ivf, hnsw, or auto (exact flat "
+        "up to 50,000 templates, then IVF tuned on real embeddings; docs/gallery.md)",
+    )
     keep_crops: bool = Field(False, description="store aligned crops with templates")
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="comma-separated allowed origins; empty = CORS off"
