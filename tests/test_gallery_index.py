@@ -57,7 +57,7 @@ def test_single_queries_run_on_one_thread_in_the_calling_thread_only():
             seen.append((len(q), faiss.omp_get_max_threads()))
             return inner.search(q, k)
 
-    index = TemplateIndex(8, "flat", gpu=False)
+    index = TemplateIndex(8, "hnsw", gpu=False)  # flat single queries go through NumPy
     index._index = Spy()
     default = faiss.omp_get_max_threads()
     index.search(np.ones((1, 8)), 3)
@@ -82,6 +82,23 @@ def real_embeddings(celeba_root):
     crops, labels = sample_crops(celeba_root, 180, per_identity=6, seed=0, geometry=bundle.geometry)
     embedder = create_embedder(bundle, runtime="onnxruntime-cpu", flip=True)
     return embedder.embed(crops), list(labels)
+
+
+def test_flat_single_queries_equal_faiss_flat_after_adds_and_removes():
+    rng = np.random.default_rng(3)
+    vectors = unit(rng.normal(size=(500, 32)))
+    index = TemplateIndex(32, "flat", gpu=False)
+    index.build(np.arange(1000, 1400), vectors[:400])
+    index.add(np.arange(2000, 2100), vectors[400:])
+    index.remove(np.arange(1000, 1100))
+    reference = faiss.IndexFlatIP(32)
+    reference.add(vectors[100:])
+    ids = np.concatenate([np.arange(1100, 1400), np.arange(2000, 2100)])
+    for q in unit(rng.normal(size=(5, 32))):
+        sims, found = index.search(q, 10)
+        ref_sims, ref_rows = reference.search(q[None], 10)
+        assert np.array_equal(found, ids[ref_rows]) and np.allclose(sims, ref_sims, atol=1e-5)
+    assert index.search(vectors[150], 400)[1].shape == (1, 400)  # k = everything
 
 
 def test_auto_index_finds_the_exact_top_template_for_real_queries(real_embeddings, monkeypatch):
