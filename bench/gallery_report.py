@@ -73,9 +73,13 @@ def render(result: dict) -> str:
         "sampling noise of a mean), templates = centre + a residual drawn from the pooled "
         "within-identity covariance, re-normalised (`bench/gallery_data.py`). Ground truth: exact "
         "search; R@1 = share of queries whose top template is the exact top template. Latency: "
-        "single queries one at a time on one FAISS thread (what `TemplateIndex` now does for "
-        "fewer than 16 queries), p50/p95 over the queries timed. Build: train + add. Bytes per "
-        "template: the serialised FAISS index / n (no allocator slack, no id map).\n\n"
+        "single queries one at a time, p50/p95 over the queries timed; FAISS rows on one "
+        "OpenMP thread unless named otherwise, facegate rows as `TemplateIndex` serves fewer "
+        "than 16 queries (flat: NumPy over the FAISS vectors; IVF: one OpenMP thread). Build: "
+        "train + add. Bytes per template: the serialised FAISS index / n (no allocator slack). "
+        f"HNSW is built up to {max((r['n'] for r in rows if r['family'] == 'hnsw'), default=0):,} "
+        "templates: its build is the slowest here (the build s column), and at 1M it alone "
+        "would take most of the run's budget on 2 cores.\n\n"
         "Shape check, real vs synthetic (cosines):\n\n"
     )
     keys = ["to_own_mean", "genuine_mean", "genuine_std", "impostor_mean", "impostor_std",
