@@ -16,7 +16,6 @@ from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
-import faiss
 import numpy as np
 from facegate.core.align import Geometry
 from facegate.core.bundle import Bundle, load_bundle
@@ -140,7 +139,6 @@ async def start_services(settings: Settings, metrics: ServerMetrics) -> Services
     await batcher.embed(np.zeros((1, size, size, 3), np.uint8))  # warm the runtime
     if not is_postgres_url(settings.gallery):
         Path(settings.gallery).parent.mkdir(parents=True, exist_ok=True)
-    faiss.omp_set_num_threads(settings.faiss_threads)
     gallery = GalleryWorker(
         lambda: open_gallery(
             settings.gallery,

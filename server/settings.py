@@ -94,10 +94,6 @@ class Settings(BaseSettings):
         "dlib's detectors hold Python's GIL, so threads share one core; processes use them "
         "all, each with its own models and memory (docs/server.md)",
     )
-    faiss_threads: int = Field(
-        1, ge=1, description="OpenMP threads per gallery search: 1 suits one query per request "
-        "(several threads wait on each other on a busy CPU; see docs/benchmarks.md)"
-    )
     index: str = Field(
         "auto", description="FAISS index of the gallery: flat, ivf, hnsw, or auto (exact flat "
         "up to 50,000 templates, then IVF tuned on real embeddings; docs/gallery.md)",
