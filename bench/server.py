@@ -277,8 +277,14 @@ def markdown(result: dict) -> str:
         f"p99 {fmt(lr['latency']['p99_ms'])} ms. Server RSS {lr['rss_start_mb']:.0f} MB before, "
         f"{lr['rss_end_mb']:.0f} MB after ({lr['rss_end_mb'] - lr['rss_start_mb']:+.0f} MB)"
         + (f", peak {lr['rss_peak_mb']:.0f} MB" if "rss_peak_mb" in lr else "") + ".\n"
-        "\nDetection (dlib HOG, CPU) dominates every request here, so batching the embedder "
-        "can only win the embed share of the time; on a GPU the balance differs (pending: no "
-        "GPU lent to this task).\n"
+        "\nWhy concurrency 16 stays under 1.5x concurrency 1 on 2 cores: dlib's detector holds "
+        "Python's GIL (`python -m bench.gil`: two detector threads run at about 0.65x one), "
+        "and a verify at concurrency 1 already keeps about 1.5 cores busy (its two photos are "
+        "prepared at once and ONNX Runtime embeds on two threads; read from /proc in a "
+        "shortened run of this loop, not yet part of this bench), which leaves at most about "
+        "1.3x. `FACEGATE_DETECT_PROCESSES=true` runs detection in worker processes (about 1.2x "
+        "on verify at concurrency 16 in that shortened run). Batching only wins the embed "
+        "share of the time on CPU; on a GPU the balance differs (pending: no GPU lent to this "
+        "task).\n"
     )
     return text
