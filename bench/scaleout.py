@@ -20,8 +20,6 @@ estimate at 1M and 10M templates.
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 import threading
 import time
@@ -34,11 +32,11 @@ import httpx
 import numpy as np
 import psycopg
 
-from bench.assets import REPO, bundle_info, photos_by_identity, resolve_bundle
+from bench.assets import bundle_info, photos_by_identity, resolve_bundle
 from bench.measure import rss_bytes, summarise
 from bench.pg_cluster import Cluster
 from bench.report import fmt, table
-from bench.server import free_port
+from bench.server import Server
 
 SIZES = {
     "full": {"prefill_identities": 50_000, "search_requests": 3000, "search_budget_s": 40.0,
@@ -50,43 +48,6 @@ SIZES = {
 }
 TEMPLATES_PER_IDENTITY = 2
 POLL_S = 0.002
-
-
-class Replica:
-    """``python -m facegate serve`` on the shared database, ready when /readyz is 200."""
-
-    def __init__(self, bundle: Path, url: str, log: Path) -> None:
-        self.port = free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        self._log = open(log, "ab")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "facegate", "serve", "--bundle", str(bundle), "--gallery", url,
-             "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning"],
-            cwd=REPO, env={**os.environ, "FACEGATE_CPU_WORKERS": "2"},
-            stdout=subprocess.DEVNULL, stderr=self._log,
-        )
-        start = time.monotonic()
-        while time.monotonic() - start < 300:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"replica exited: {log.read_text(errors='replace')[-2000:]}")
-            try:
-                if httpx.get(f"{self.base}/readyz", timeout=2).status_code == 200:
-                    self.start_s = time.monotonic() - start
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        self.stop()
-        raise RuntimeError("replica not ready in 300 s")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self._log.close()
 
 
 def unit(rng: np.random.Generator, n: int, dim: int) -> np.ndarray:
@@ -206,8 +167,10 @@ def run(sizes: dict, workdir: Path) -> dict:
         probes = [{"embedding": {"model_id": model_id, "vector": v.tolist()}, "k": 5}
                   for v in unit(rng, 64, dim)]
         for n in (1, 2):
-            replicas = [Replica(bundle, url, workdir / f"scaleout-{n}-{i}.log") for i in range(n)]
-            clients = [httpx.Client(base_url=r.base, timeout=120) for r in replicas]
+            replicas = [Server(bundle, url, {"FACEGATE_CPU_WORKERS": "2"},
+                               log=workdir / f"scaleout-{n}-{i}.log", ready_s=300)
+                        for i in range(n)]
+            clients = [httpx.Client(base_url=r.url, timeout=120) for r in replicas]
             try:
                 row = measure_rates(clients, writer, probes, real, sizes, rng, dim)
                 rows.append({"replicas": n, "start_s": max(r.start_s for r in replicas), **row})

@@ -46,32 +46,40 @@ def free_port() -> int:
 
 
 class Server:
-    """``python -m facegate serve`` on a loopback port, ready when /readyz answers 200."""
+    """``python -m facegate serve`` on a loopback port, ready when /readyz answers 200.
 
-    def __init__(self, bundle: Path, gallery: Path, env: dict[str, str]) -> None:
-        for suffix in ("", "-wal", "-shm"):
-            Path(str(gallery) + suffix).unlink(missing_ok=True)
+    ``gallery`` is a SQLite file (started fresh) or a PostgreSQL URL (shared, as is);
+    ``start_s`` is how long the server took to become ready.
+    """
+
+    def __init__(self, bundle: Path, gallery: Path | str, env: dict[str, str], *,
+                 log: Path | None = None, ready_s: float = 120.0) -> None:
+        if isinstance(gallery, Path):
+            for suffix in ("", "-wal", "-shm"):
+                Path(str(gallery) + suffix).unlink(missing_ok=True)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = gallery.with_suffix(".log")
+        self.log_path = log or Path(gallery).with_suffix(".log")
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "facegate", "serve", "--bundle", str(bundle),
              "--gallery", str(gallery), "--host", "127.0.0.1", "--port", str(self.port),
              "--log-level", "warning"],
             cwd=REPO, env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=self._log)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
+        start = time.monotonic()
+        while time.monotonic() - start < ready_s:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited: {self.log_path.read_text()[-2000:]}")
+                raise RuntimeError(
+                    f"server exited: {self.log_path.read_text(errors='replace')[-2000:]}")
             try:
-                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
+                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                    self.start_s = time.monotonic() - start
                     return
             except httpx.HTTPError:
                 pass
-            time.sleep(0.3)
+            time.sleep(0.1)
         self.stop()
-        raise RuntimeError("server not ready in 120 s")
+        raise RuntimeError(f"server not ready in {ready_s:.0f} s")
 
     def rss(self) -> int:
         return rss_bytes(self.proc.pid)
