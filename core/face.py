@@ -129,17 +129,8 @@ def prepare_face(
         data, detector, geometry, max_bytes, max_pixels, max_detect_pixels, decode_slot
     )
     face = select_face(faces, policy=policy)  # type: ignore[arg-type]  # checked inside
-    t0 = time.perf_counter()
-    crop = align_face(image, face, geometry)
-    return PreparedFace(
-        face=face if scale == 1.0 else _scaled(face, 1.0 / scale),
-        faces_in_image=len(faces),
-        crop=crop,
-        timings={"decode": t_decode, "detect": t_detect, "align": time.perf_counter() - t0},
-        geometry=geometry,
-        image=image if keep_image else None,
-        scale=scale,
-    )
+    return _crop(image, scale, face, len(faces), geometry, t_decode, t_detect,
+                 image if keep_image else None)
 
 
 def prepare_faces(
@@ -167,25 +158,36 @@ def prepare_faces(
     )
     if not faces:
         raise NoFaceError("no face found in the image")
-    prepared = []
-    for rank, face in enumerate(sorted(faces, key=Face.area, reverse=True)[:max_faces]):
-        t0 = time.perf_counter()
-        crop = align_face(image, face, geometry)
-        prepared.append(
-            PreparedFace(
-                face=face if scale == 1.0 else _scaled(face, 1.0 / scale),
-                faces_in_image=len(faces),
-                crop=crop,
-                timings={
-                    "decode": t_decode if rank == 0 else 0.0,
-                    "detect": t_detect if rank == 0 else 0.0,
-                    "align": time.perf_counter() - t0,
-                },
-                geometry=geometry,
-                scale=scale,
-            )
-        )
-    return prepared
+    largest = sorted(faces, key=Face.area, reverse=True)[:max_faces]
+    return [
+        _crop(image, scale, face, len(faces), geometry,
+              t_decode if rank == 0 else 0.0, t_detect if rank == 0 else 0.0)
+        for rank, face in enumerate(largest)
+    ]
+
+
+def _crop(
+    image: np.ndarray,
+    scale: float,
+    face: Face,
+    faces_in_image: int,
+    geometry: Geometry,
+    decode_s: float,
+    detect_s: float,
+    kept_image: np.ndarray | None = None,
+) -> PreparedFace:
+    """``face``'s crop, timed, with the face mapped back to the photo's own pixels."""
+    t0 = time.perf_counter()
+    crop = align_face(image, face, geometry)
+    return PreparedFace(
+        face=face if scale == 1.0 else _scaled(face, 1.0 / scale),
+        faces_in_image=faces_in_image,
+        crop=crop,
+        timings={"decode": decode_s, "detect": detect_s, "align": time.perf_counter() - t0},
+        geometry=geometry,
+        image=kept_image,
+        scale=scale,
+    )
 
 
 def align_face(image: np.ndarray, face: Face, geometry: Geometry) -> np.ndarray:
