@@ -8,21 +8,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
 
 import numpy as np
 from facegate.core.errors import ModelMismatch
+from facegate.gallery import Candidate
 from facegate.server import schemas
 from facegate.server.errors import IdentityHasNoTemplates, ThresholdOverrideForbidden
 from facegate.server.services import Services
-
-
-class Hit(Protocol):
-    """A gallery search result: an identity and its best template's similarity."""
-
-    identity_id: str
-    name: str | None
-    similarity: float
 
 
 @dataclass(frozen=True)
@@ -94,7 +86,7 @@ async def verify_identity(
 
 
 def rank_candidates(
-    services: Services, hits: Sequence[Hit]
+    services: Services, hits: Sequence[Candidate]
 ) -> tuple[list[schemas.Candidate], schemas.Candidate | None]:
     """The gallery's hits (best first) each marked against the threshold, and the match:
     the best hit when it passes, else None."""
