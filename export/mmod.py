@@ -292,6 +292,19 @@ def report(cache: Path, jobs: list[str] | None = None) -> dict[str, Any]:
     return out
 
 
+def _through_chain(by_job: dict[str, dict], chain: list[str]) -> tuple[bool, float] | None:
+    """(face found, seconds paid) for one photo sent down ``chain``; None when a job it
+    would reach was not run on it."""
+    total = 0.0
+    for job in chain:
+        if job not in by_job:
+            return None
+        total += by_job[job]["seconds"]
+        if by_job[job]["boxes"]:
+            return True, total
+    return False, total
+
+
 def cascade(cache: Path, chain: list[str]) -> dict[str, Any]:
     """A detection policy simulated from the cache: each photo goes through ``chain`` (jobs)
     until one finds a face, paying each job's recorded time. Photos missing a job they
@@ -300,23 +313,10 @@ def cascade(cache: Path, chain: list[str]) -> dict[str, Any]:
     for r in map(json.loads, cache.read_text().splitlines()):
         if r["job"] in chain:
             rows.setdefault(r["path"], {})[r["job"]] = r
-    found, seconds, missing = [], [], 0
-    for by_job in rows.values():
-        total, hit = 0.0, False
-        for job in chain:
-            if job not in by_job:
-                break
-            total += by_job[job]["seconds"]
-            if by_job[job]["boxes"]:
-                hit = True
-                break
-        else:
-            found.append(hit), seconds.append(total)
-            continue
-        if hit:
-            found.append(hit), seconds.append(total)
-        else:
-            missing += 1
+    outcomes = [_through_chain(by_job, chain) for by_job in rows.values()]
+    done = [o for o in outcomes if o is not None]
+    missing = len(outcomes) - len(done)
+    found, seconds = [hit for hit, _ in done], [total for _, total in done]
     times = np.array(seconds)
     return {"policy": " > ".join(chain), "photos": len(found), "left_out": missing,
             "detection_rate": float(np.mean(found)), "mean_s": float(times.mean()),
