@@ -39,17 +39,10 @@ from facegate.core.manifest import (
 )
 
 __all__ = [
-    "DEFAULT_GEOMETRY",
-    "DEFAULT_INPUT",
-    "DEFAULT_OUTPUT",
-    "EMBEDDER_FILENAME",
-    "MANIFEST_NAME",
-    "SCHEMA_VERSION",
     "Bundle",
     "add_file",
     "load_bundle",
     "sha256_file",
-    "validate_manifest",
     "write_bundle",
 ]
 

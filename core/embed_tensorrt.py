@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from facegate.core.bundle import DEFAULT_INPUT
 from facegate.core.errors import FacegateError
+from facegate.core.manifest import DEFAULT_INPUT
 from facegate.core.preprocess import check_crops, embed_with_flip, model_input
 
 # Preferred engine precisions when a bundle holds several for this GPU: fp16 keeps

@@ -34,7 +34,7 @@ def check_crops(crops: Any, size: tuple[int, int] = (112, 112)) -> np.ndarray:
 def model_input(crops: np.ndarray, input_spec: dict[str, Any]) -> np.ndarray:
     """uint8 RGB (N, H, W, 3) -> float32 per ``input_spec`` (colour, (x - mean) / std, layout).
 
-    ``input_spec`` is a bundle's ``input`` section (``core.bundle.DEFAULT_INPUT`` for the
+    ``input_spec`` is a bundle's ``input`` section (``core.manifest.DEFAULT_INPUT`` for the
     112x112 models, a backbone's ``input_spec`` in training).
     """
     x = crops[..., ::-1] if input_spec["color"] == "BGR" else crops

@@ -134,10 +134,10 @@ def aligned_crops(
     what a bundle without one means. Photos without a detectable face are skipped;
     returns crops ``(M, S, S, 3)`` uint8 and their identities.
     """
-    from facegate.core.bundle import DEFAULT_GEOMETRY
     from facegate.core.detect import create_detector
     from facegate.core.errors import NoFaceError
     from facegate.core.face import landmarks_for, prepare_face
+    from facegate.core.manifest import DEFAULT_GEOMETRY
 
     geometry = geometry or DEFAULT_GEOMETRY
     detector = create_detector("dlib", landmarks=landmarks_for(geometry))

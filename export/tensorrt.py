@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 from facegate.core.align import Geometry
-from facegate.core.bundle import DEFAULT_INPUT, add_file, load_bundle
+from facegate.core.bundle import add_file, load_bundle
 from facegate.core.embed_tensorrt import (
     CudaRuntime,
     TensorRTEmbedder,
@@ -28,6 +28,7 @@ from facegate.core.embed_tensorrt import (
     import_tensorrt,
 )
 from facegate.core.errors import BundleError
+from facegate.core.manifest import DEFAULT_INPUT
 from facegate.core.preprocess import model_input
 from facegate.export.parity import (
     ParityError,
@@ -178,8 +179,8 @@ def load_crops(
 ) -> tuple[np.ndarray, list[str]]:
     """Real crops from a folder: images of the geometry's size (default ArcFace 112) are taken
     as crops, others detected and cropped by ``geometry``."""
-    from facegate.core.bundle import DEFAULT_GEOMETRY
     from facegate.core.image import decode
+    from facegate.core.manifest import DEFAULT_GEOMETRY
 
     geometry = geometry or DEFAULT_GEOMETRY
     photos = list_photos(data_dir)

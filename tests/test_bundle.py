@@ -9,8 +9,9 @@ import numpy as np
 import onnx
 import pytest
 from facegate.core.align import ARCFACE_112, DLIB_CHIP_150, Geometry
-from facegate.core.bundle import MANIFEST_NAME, add_file, load_bundle, sha256_file, write_bundle
+from facegate.core.bundle import add_file, load_bundle, sha256_file, write_bundle
 from facegate.core.errors import BundleError
+from facegate.core.manifest import MANIFEST_NAME
 from onnx import TensorProto, helper, numpy_helper
 
 

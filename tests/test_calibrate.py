@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from facegate.core.bundle import MANIFEST_NAME, add_file, load_bundle, sha256_file
+from facegate.core.bundle import add_file, load_bundle, sha256_file
+from facegate.core.manifest import MANIFEST_NAME
 from facegate.train.uss_threshold import (
     CalibrationError,
     expected_uss,

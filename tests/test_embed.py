@@ -8,9 +8,10 @@ import cv2
 import numpy as np
 import onnx
 import pytest
-from facegate.core.bundle import DEFAULT_INPUT, write_bundle
+from facegate.core.bundle import write_bundle
 from facegate.core.embed import Embedder, OnnxEmbedder, create_embedder
 from facegate.core.errors import BundleError
+from facegate.core.manifest import DEFAULT_INPUT
 from onnx import TensorProto, helper, numpy_helper
 
 EMBEDDING_SIZE = 16

@@ -11,9 +11,10 @@ import onnxruntime as ort
 import pytest
 import torch
 from facegate.core import metrics
-from facegate.core.bundle import DEFAULT_INPUT, load_bundle
+from facegate.core.bundle import load_bundle
 from facegate.core.embed import create_embedder
 from facegate.core.errors import BundleError
+from facegate.core.manifest import DEFAULT_INPUT
 from facegate.core.preprocess import model_input
 from facegate.export.onnx import export_bundle
 from facegate.export.parity import (

@@ -7,7 +7,7 @@ import sys
 
 import numpy as np
 import pytest
-from facegate.core.bundle import DEFAULT_INPUT
+from facegate.core.manifest import DEFAULT_INPUT
 from facegate.core.preprocess import (
     check_crops,
     embed_with_flip,

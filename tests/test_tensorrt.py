@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from facegate.core.bundle import DEFAULT_INPUT, load_bundle
+from facegate.core.bundle import load_bundle
 from facegate.core.embed import create_embedder
 from facegate.core.embed_tensorrt import (
     TensorRTEmbedder,
@@ -14,6 +14,7 @@ from facegate.core.embed_tensorrt import (
     gpu_slug,
     matching_engine,
 )
+from facegate.core.manifest import DEFAULT_INPUT
 from facegate.core.preprocess import model_input
 from facegate.export.onnx import export_bundle
 from facegate.export.parity import row_cosines, sample_crops

@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from facegate.core.align import ARCFACE_112, DLIB_CHIP_150
-from facegate.core.bundle import DEFAULT_INPUT
 from facegate.core.errors import FacegateError
+from facegate.core.manifest import DEFAULT_INPUT
 from facegate.train.dlib_resnet_port import (
     DLIB_MODEL_FILE,
     Affine,

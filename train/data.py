@@ -18,7 +18,7 @@ from typing import Any
 import cv2
 import numpy as np
 import torch
-from facegate.core.bundle import DEFAULT_INPUT
+from facegate.core.manifest import DEFAULT_INPUT
 from facegate.core.preprocess import model_input
 from facegate.train.teacher import load_vectors, teacher_filename
 from torch.utils.data import Dataset, Sampler
