@@ -182,7 +182,9 @@ def _detectors(onnx_path: Path) -> dict[str, Any]:
         detectors: dict[int, DlibDetector] = {}
 
         def detect(img: np.ndarray, up: int) -> list:
-            detector = detectors.setdefault(up, DlibDetector(up, boxes, landmarks=landmarks))  # type: ignore[arg-type]
+            if up not in detectors:
+                detectors[up] = DlibDetector(up, boxes, landmarks=landmarks)  # type: ignore[arg-type]
+            detector = detectors[up]
             return [(*f.box, f.score) for f in detector.detect(img)]
 
         return detect
