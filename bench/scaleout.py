@@ -36,7 +36,7 @@ from bench.assets import bundle_info, photos_by_identity, resolve_bundle
 from bench.measure import rss_bytes, summarise
 from bench.pg_cluster import Cluster
 from bench.report import fmt, table
-from bench.server import Server
+from bench.server import Server, loopback_client
 
 SIZES = {
     "full": {"prefill_identities": 50_000, "search_requests": 3000, "search_budget_s": 40.0,
@@ -170,7 +170,7 @@ def run(sizes: dict, workdir: Path) -> dict:
             replicas = [Server(bundle, url, {"FACEGATE_CPU_WORKERS": "2"},
                                log=workdir / f"scaleout-{n}-{i}.log", ready_s=300)
                         for i in range(n)]
-            clients = [httpx.Client(base_url=r.url, timeout=120) for r in replicas]
+            clients = [loopback_client(r.url) for r in replicas]
             try:
                 row = measure_rates(clients, writer, probes, real, sizes, rng, dim)
                 rows.append({"replicas": n, "start_s": max(r.start_s for r in replicas), **row})
