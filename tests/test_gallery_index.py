@@ -85,12 +85,17 @@ def real_embeddings(celeba_root):
 
 
 def test_flat_single_queries_equal_faiss_flat_after_adds_and_removes():
+    """Searches between writes too: the views a search keeps must follow every change."""
     rng = np.random.default_rng(3)
     vectors = unit(rng.normal(size=(500, 32)))
     index = TemplateIndex(32, "flat", gpu=False)
     index.build(np.arange(1000, 1400), vectors[:400])
+    assert index.search(vectors[450], 1)[1][0, 0] != 2050  # not there yet
     index.add(np.arange(2000, 2100), vectors[400:])
+    assert index.search(vectors[450], 1)[1][0, 0] == 2050
+    assert index.search(vectors[50], 1)[1][0, 0] == 1050
     index.remove(np.arange(1000, 1100))
+    assert index.search(vectors[50], 1)[1][0, 0] != 1050
     reference = faiss.IndexFlatIP(32)
     reference.add(vectors[100:])
     ids = np.concatenate([np.arange(1100, 1400), np.arange(2000, 2100)])
@@ -99,6 +104,8 @@ def test_flat_single_queries_equal_faiss_flat_after_adds_and_removes():
         ref_sims, ref_rows = reference.search(q[None], 10)
         assert np.array_equal(found, ids[ref_rows]) and np.allclose(sims, ref_sims, atol=1e-5)
     assert index.search(vectors[150], 400)[1].shape == (1, 400)  # k = everything
+    index.build(np.arange(7), vectors[:7])
+    assert index.search(vectors[3], 7)[1][0, 0] == 3 and len(index) == 7
 
 
 def test_auto_index_finds_the_exact_top_template_for_real_queries(real_embeddings, monkeypatch):
