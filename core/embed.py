@@ -18,6 +18,7 @@ from facegate.core.bundle import Bundle
 from facegate.core.embed_tensorrt import TensorRTEmbedder, TensorRTUnavailable
 from facegate.core.errors import BundleError, FacegateError
 from facegate.core.preprocess import check_crops, embed_with_flip, l2_normalise, model_input
+from facegate.core.providers import CPU, CUDA, default_providers
 
 # l2_normalise is re-exported for callers that embed and compare (bench.dlib_chip).
 __all__ = [
@@ -31,8 +32,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 RUNTIMES = ("auto", "tensorrt", "onnxruntime-cuda", "onnxruntime-cpu")
-_CUDA = "CUDAExecutionProvider"
-_CPU = "CPUExecutionProvider"
 
 
 @runtime_checkable
@@ -43,13 +42,6 @@ class Embedder(Protocol):
     def embed(self, crops: np.ndarray) -> np.ndarray:
         """(N, 112, 112, 3) uint8 RGB crops -> (N, D) float32, unit L2 norm."""
         ...
-
-
-def _default_providers() -> list[str]:
-    import onnxruntime as ort
-
-    available = ort.get_available_providers()
-    return [_CUDA, _CPU] if _CUDA in available else [_CPU]
 
 
 class OnnxEmbedder:
@@ -77,10 +69,10 @@ class OnnxEmbedder:
         if intra_op_threads is not None:
             options.intra_op_num_threads = intra_op_threads
         self._session = ort.InferenceSession(
-            str(bundle.onnx_path), sess_options=options, providers=providers or _default_providers()
+            str(bundle.onnx_path), sess_options=options, providers=providers or default_providers()
         )
         self.runtime = (
-            "onnxruntime-cuda" if self._session.get_providers()[0] == _CUDA else "onnxruntime-cpu"
+            "onnxruntime-cuda" if self._session.get_providers()[0] == CUDA else "onnxruntime-cpu"
         )
         self.embedding_size = bundle.embedding_size
         self.flip = flip
@@ -147,13 +139,13 @@ def create_embedder(bundle: Bundle, *, runtime: str = "auto", flip: bool = False
         if embedder is None and runtime == "tensorrt":
             raise BundleError(f"{bundle.path}: TensorRT runtime requested but unavailable (see log)")
     if embedder is None and runtime == "onnxruntime-cuda":
-        if _CUDA not in _default_providers():
+        if CUDA not in default_providers():
             raise BundleError("onnxruntime-cuda requested but CUDAExecutionProvider is unavailable")
-        embedder = OnnxEmbedder(bundle, providers=[_CUDA, _CPU], flip=flip)
+        embedder = OnnxEmbedder(bundle, providers=[CUDA, CPU], flip=flip)
         if embedder.runtime != "onnxruntime-cuda":
             raise BundleError("onnxruntime-cuda requested but the CUDA session failed (see log)")
     if embedder is None:
-        providers = [_CPU] if runtime == "onnxruntime-cpu" else None
+        providers = [CPU] if runtime == "onnxruntime-cpu" else None
         embedder = OnnxEmbedder(bundle, providers=providers, flip=flip)
     log.info("embedder for %s: %s (flip=%s)", bundle.model_id, embedder.runtime, flip)
     return embedder

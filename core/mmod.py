@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 from facegate.core.errors import FacegateError
+from facegate.core.providers import default_providers
 
 __all__ = [
     "METADATA_KEY",
@@ -355,7 +356,7 @@ class MmodDetector:
             options.intra_op_num_threads = intra_op_threads
         self._session = ort.InferenceSession(
             str(onnx_path), sess_options=options,
-            providers=providers or ["CPUExecutionProvider"],
+            providers=providers or default_providers(),
         )
         meta = self._session.get_modelmeta().custom_metadata_map
         if METADATA_KEY not in meta:

@@ -14,6 +14,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 from facegate.core.detect import Face
+from facegate.core.providers import default_providers
 
 STRIDES = (8, 16, 32)
 NUM_ANCHORS = 2
@@ -133,10 +134,8 @@ class ScrfdDetector:
     def _open_session(self, providers: list[str] | None):
         import onnxruntime as ort
 
-        available = ort.get_available_providers()
-        if providers is None:
-            providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
-        session = ort.InferenceSession(str(self.model_path), providers=providers)
+        session = ort.InferenceSession(str(self.model_path),
+                                       providers=providers or default_providers())
         inp = session.get_inputs()[0]
         self._input_name = inp.name
         self._output_names = [o.name for o in session.get_outputs()]

@@ -195,3 +195,26 @@ def test_small_and_bad_inputs(detector, tmp_path):
     onnx.save(helper.make_model(graph), plain)
     with pytest.raises(MmodModelError, match="metadata"):
         MmodDetector(plain)
+
+
+def test_the_session_asks_for_the_providers_the_embedder_asks_for(detector):
+    from facegate.core.providers import default_providers
+
+    assert detector._session.get_providers() == default_providers()
+
+
+@pytest.mark.gpu
+def test_onnxruntime_cuda_finds_the_boxes_cpu_finds(celeba_root, onnx_path):
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("onnxruntime-gpu is not installed")
+    gpu = MmodDetector(onnx_path)
+    assert gpu._session.get_providers()[0] == "CUDAExecutionProvider"
+    cpu = MmodDetector(onnx_path, providers=["CPUExecutionProvider"])
+    for path in sample_photos(celeba_root, 8):
+        image = _load(path)
+        expected, got = cpu.detect(image, 1), gpu.detect(image, 1)
+        assert len(got) == len(expected), path
+        for e, g in zip(sorted(expected), sorted(got), strict=True):
+            assert box_iou(list(e), list(g)) >= 0.99 and g[4] == pytest.approx(e[4], abs=1e-2)
