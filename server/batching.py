@@ -4,8 +4,9 @@ A CPU or GPU embedder is much cheaper per crop on a batch of 16 than on 16 batch
 of 1. The :class:`MicroBatcher` queues crops from concurrent requests, waits at most
 ``max_wait_ms`` for company (or until ``max_batch`` crops are queued), runs one
 embedder call in its own worker thread, and hands each request its rows back. While
-that call runs, new requests queue up, so under load batches grow by themselves and
-an idle server adds at most ``max_wait_ms`` of latency.
+that call runs, new requests queue up, so under load batches grow by themselves; the
+server's default wait is 0 (docs/server.md says what a wait cost), so an idle server
+adds no latency.
 """
 
 from __future__ import annotations

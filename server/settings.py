@@ -87,7 +87,7 @@ class Settings(BaseSettings):
     allow_threshold_override: bool = False
     batching: bool = Field(True, description="micro-batch embeddings across requests")
     batch_max_size: int = Field(32, ge=1)
-    batch_max_wait_ms: float = Field(2.0, ge=0)
+    batch_max_wait_ms: float = Field(0.0, ge=0)
     cpu_workers: int = Field(4, ge=1, description="threads (or processes) for decode/detect/align")
     detect_processes: bool = Field(
         False, description="decode/detect/align in cpu_workers processes instead of threads: "
