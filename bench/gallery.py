@@ -131,8 +131,12 @@ def ivf_rows(base: np.ndarray, queries: np.ndarray, exact: np.ndarray, sizes: di
             codes.append(("IVF-SQ8", "SQ8", "compressed"))
         for label, code, family in codes:
             def build(code: str = code, nlist: int = nlist) -> faiss.Index:
+                from facegate.gallery.index import IVF_TRAIN_ITERATIONS, IVF_TRAIN_SAMPLE_PER_LIST
+
                 index = faiss.index_factory(dim, f"IVF{nlist},{code}", faiss.METRIC_INNER_PRODUCT)
-                faiss.extract_index_ivf(index).cp.max_points_per_centroid = 64
+                ivf = faiss.extract_index_ivf(index)  # trained as the server trains
+                ivf.cp.max_points_per_centroid = IVF_TRAIN_SAMPLE_PER_LIST
+                ivf.cp.niter = IVF_TRAIN_ITERATIONS
                 index.train(base)
                 index.add(base)
                 return index
