@@ -17,8 +17,8 @@ import numpy as np
 from facegate.core.bundle import Bundle
 from facegate.core.embed_tensorrt import TensorRTEmbedder, TensorRTUnavailable
 from facegate.core.errors import BundleError, FacegateError
+from facegate.core.ort_session import CPU, CUDA, default_providers, session_options
 from facegate.core.preprocess import check_crops, embed_with_flip, l2_normalise, model_input
-from facegate.core.providers import CPU, CUDA, default_providers
 
 # l2_normalise is re-exported for callers that embed and compare (bench.dlib_chip).
 __all__ = [
@@ -64,12 +64,9 @@ class OnnxEmbedder:
 
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if intra_op_threads is not None:
-            options.intra_op_num_threads = intra_op_threads
         self._session = ort.InferenceSession(
-            str(bundle.onnx_path), sess_options=options, providers=providers or default_providers()
+            str(bundle.onnx_path), sess_options=session_options(intra_op_threads),
+            providers=providers or default_providers(),
         )
         self.runtime = (
             "onnxruntime-cuda" if self._session.get_providers()[0] == CUDA else "onnxruntime-cpu"

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 from facegate.core.errors import FacegateError
-from facegate.core.providers import default_providers
+from facegate.core.ort_session import default_providers, session_options
 
 __all__ = [
     "METADATA_KEY",
@@ -350,12 +350,8 @@ class MmodDetector:
     ) -> None:
         import onnxruntime as ort
 
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if intra_op_threads is not None:
-            options.intra_op_num_threads = intra_op_threads
         self._session = ort.InferenceSession(
-            str(onnx_path), sess_options=options,
+            str(onnx_path), sess_options=session_options(intra_op_threads),
             providers=providers or default_providers(),
         )
         meta = self._session.get_modelmeta().custom_metadata_map

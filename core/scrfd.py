@@ -14,7 +14,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 from facegate.core.detect import Face
-from facegate.core.providers import default_providers
+from facegate.core.ort_session import default_providers, session_options
 
 STRIDES = (8, 16, 32)
 NUM_ANCHORS = 2
@@ -134,7 +134,7 @@ class ScrfdDetector:
     def _open_session(self, providers: list[str] | None):
         import onnxruntime as ort
 
-        session = ort.InferenceSession(str(self.model_path),
+        session = ort.InferenceSession(str(self.model_path), sess_options=session_options(),
                                        providers=providers or default_providers())
         inp = session.get_inputs()[0]
         self._input_name = inp.name

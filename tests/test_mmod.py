@@ -198,7 +198,7 @@ def test_small_and_bad_inputs(detector, tmp_path):
 
 
 def test_the_session_asks_for_the_providers_the_embedder_asks_for(detector):
-    from facegate.core.providers import default_providers
+    from facegate.core.ort_session import default_providers
 
     assert detector._session.get_providers() == default_providers()
 
