@@ -5,7 +5,8 @@ of a few real people enrolled through the API: the default (micro-batching on), 
 peer ``FACEGATE_BATCHING=false``, and ``FACEGATE_DETECT_PROCESSES=true`` (detection in
 worker processes). A thread pool of httpx clients sends real photos to /v1/verify and
 /v1/search at concurrency 1, 4 and 16; each cell is split into rounds that alternate
-between the servers, so a slow spell of the shared machine hits all of them alike.
+between the servers (in reverse order every other round), so a slow spell of the shared
+machine hits all of them alike.
 Every cell also records the CPU time the server (with its worker processes) and the
 load generator spent, from /proc: that is the profile that says whether 2 cores are
 the limit. A long soak (10,000 requests at concurrency 4: searches, verifies,
@@ -33,8 +34,8 @@ from bench.measure import cpu_seconds, rss_bytes, summarise
 from bench.report import fmt, ratio, table
 
 SIZES = {
-    "full": {"people": 16, "concurrency": [1, 4, 16], "requests": {1: 32, 4: 64, 16: 96},
-             "rounds": 2, "budget_s": 30.0, "long_requests": 10_000, "long_budget_s": 1800.0,
+    "full": {"people": 16, "concurrency": [1, 4, 16], "requests": {1: 64, 4: 128, 16: 256},
+             "rounds": 4, "budget_s": 60.0, "long_requests": 10_000, "long_budget_s": 1800.0,
              "long_concurrency": 4},
     "smoke": {"people": 2, "concurrency": [1, 2], "requests": {1: 2, 2: 2}, "rounds": 1,
               "budget_s": 5.0, "long_requests": 4, "long_budget_s": 5.0, "long_concurrency": 2},
@@ -260,7 +261,8 @@ def run(sizes: dict, workdir: Path) -> dict:
                 per_round = -(-sizes["requests"][c] // rounds)
                 done: dict[str, list[dict]] = {mode: [] for mode in servers}
                 for r in range(rounds):
-                    for mode, server in servers.items():
+                    order = list(servers.items())  # reversed every other round: no mode
+                    for mode, server in order[::-1] if r % 2 else order:  # always goes first
                         done[mode].append(load(
                             server, send, concurrency=c, requests=per_round,
                             budget_s=sizes["budget_s"] / rounds,
