@@ -125,7 +125,7 @@ def test_gallery_part_indexes_agree_with_exact_search(bench_env):
     assert "NumPy brute force (peer)" in text and "GB at 10M" in text
 
 
-def test_server_part_serves_real_requests_in_both_modes(bench_env):
+def test_server_part_serves_real_requests_in_every_mode_with_a_cpu_profile(bench_env):
     sizes = {"people": 1, "concurrency": [1], "requests": {1: 1}, "budget_s": 30.0,
              "long_requests": 2, "long_budget_s": 30.0, "long_concurrency": 1}
     result = server.run(sizes, bench_env)
@@ -133,9 +133,11 @@ def test_server_part_serves_real_requests_in_both_modes(bench_env):
         assert result["modes"][mode]["enrolled"] == 1
         for row in result["modes"][mode]["rows"]:
             assert row["ok"] == 1 and not row["errors"], row
+            assert row["server_cpu_ms"] > 0 and row["server_cores"] > 0, row  # read from /proc
     long_run = result["long_run"]
     assert long_run["ok"] == 2 and long_run["rss_start_mb"] > 0
-    assert "req/s ratio" in server.markdown(result)
+    text = server.markdown(result)
+    assert "batching / peer req/s" in text and "CPU ceiling req/s" in text
 
 
 def test_embedder_part_measures_both_embedders(bench_env):
