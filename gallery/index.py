@@ -12,12 +12,11 @@ Kinds:
   once the tombstoned share passes `REBUILD_DELETED_SHARE`.
 - ``ivf``: ``IndexIVFFlat`` with ``nlist = 2 sqrt(n)`` lists, or fewer where there are
   not `IVF_TRAIN_PER_LIST` vectors a list to train them; below `IVF_MIN_LISTS` lists it
-  falls back to flat. It probes ``nlist ** 0.67`` lists: on the default model's real
-  embeddings (a narrow cone, not a uniform sphere) R@1 >= 0.99 took scanning ~13% of
-  50k templates, ~12% of 100k and ~8% of 1M (docs/gallery.md). k-means runs 10
-  iterations on 64 points a list: at 1M that trains in 14 s instead of 84 s (FAISS's
-  25 iterations) for the same recall. The owner rebuilds (and retrains) once the index
-  has doubled since training.
+  falls back to flat. It probes ``nlist ** 0.67`` lists, 13% of them at 50k and 8% at
+  1M: on the default model's real embeddings (a narrow cone, not a uniform sphere) the
+  share R@1 0.99 needs falls as the gallery grows (docs/gallery.md). k-means runs 10
+  iterations (FAISS's default: 25) on 64 points a list, for a build 2.5x shorter. The
+  owner rebuilds (and retrains) once the index has doubled since training.
 - ``auto``: `auto_kind` of the gallery size at each build: flat while exact search is
   fast enough, then IVF (thresholds measured on real embeddings, docs/gallery.md). The
   owner rebuilds when the size crosses to another kind.
