@@ -118,21 +118,24 @@ def sweep(name: str, family: str, build: Callable[[], object], knob: str, values
 
 def ivf_rows(base: np.ndarray, queries: np.ndarray, exact: np.ndarray, sizes: dict) -> list[dict]:
     import faiss
+    from facegate.gallery.index import (
+        IVF_TRAIN_ITERATIONS,
+        IVF_TRAIN_PER_LIST,
+        IVF_TRAIN_SAMPLE_PER_LIST,
+    )
 
     n, dim = base.shape
     rows = []
     root = int(math.sqrt(n))
     for factor in sizes["nlist_factors"]:
         nlist = factor * root
-        if n < 39 * nlist:
+        if n < IVF_TRAIN_PER_LIST * nlist:
             continue
         codes = [("IVF-Flat", "Flat", "ivf")]
         if factor == sizes["nlist_factors"][-1]:
             codes.append(("IVF-SQ8", "SQ8", "compressed"))
         for label, code, family in codes:
             def build(code: str = code, nlist: int = nlist) -> faiss.Index:
-                from facegate.gallery.index import IVF_TRAIN_ITERATIONS, IVF_TRAIN_SAMPLE_PER_LIST
-
                 index = faiss.index_factory(dim, f"IVF{nlist},{code}", faiss.METRIC_INNER_PRODUCT)
                 ivf = faiss.extract_index_ivf(index)  # trained as the server trains
                 ivf.cp.max_points_per_centroid = IVF_TRAIN_SAMPLE_PER_LIST

@@ -23,6 +23,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -224,10 +225,7 @@ def load(server: Server, send, *, concurrency: int, requests: int, budget_s: flo
 def cell(concurrency: int, rounds: list[dict]) -> dict:
     """One table cell from its rounds: totals, req/s, latency percentiles and the CPU profile."""
     latencies = [t for r in rounds for t in r["latencies"]]
-    errors: dict[str, int] = {}
-    for r in rounds:
-        for status, count in r["errors"].items():
-            errors[status] = errors.get(status, 0) + count
+    errors = dict(sum((Counter(r["errors"]) for r in rounds), Counter()))
     wall = sum(r["wall_s"] for r in rounds)
     server_cpu = sum(r["server_cpu_s"] for r in rounds)
     client_cpu = sum(r["client_cpu_s"] for r in rounds)
@@ -261,19 +259,17 @@ def run(sizes: dict, workdir: Path) -> dict:
                 per_round = -(-sizes["requests"][c] // rounds)
                 done: dict[str, list[dict]] = {mode: [] for mode in servers}
                 for r in range(rounds):
-                    order = list(servers.items())  # reversed every other round: no mode
-                    for mode, server in order[::-1] if r % 2 else order:  # always goes first
+                    order = list(servers.items())  # reversed every other round, so no
+                    for mode, server in order[::-1] if r % 2 else order:  # mode always leads
                         done[mode].append(load(
                             server, send, concurrency=c, requests=per_round,
                             budget_s=sizes["budget_s"] / rounds,
                             desc=f"{mode} {endpoint} c={c} round {r + 1}/{rounds}"))
                 for mode in servers:
                     modes[mode]["rows"].append({"endpoint": endpoint, **cell(c, done[mode])})
-        for mode, server in servers.items():
-            if mode != DEFAULT:
-                server.stop()
-        server = servers.pop(DEFAULT)
-        servers = {DEFAULT: server}
+        for mode in [m for m in servers if m != DEFAULT]:  # the soak needs only the default
+            servers.pop(mode).stop()
+        server = servers[DEFAULT]
         rss_start = server.rss()
         soak = load(server, soak_fn(pairs), concurrency=sizes["long_concurrency"],
                     requests=sizes["long_requests"], budget_s=sizes["long_budget_s"],

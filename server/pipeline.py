@@ -99,8 +99,8 @@ class FacePipeline:
     ``max_detect_pixels`` at once.
 
     Why processes: dlib's detectors and shape predictors hold Python's GIL while they
-    run, so detector threads take turns on one core (two threads detect 0.6x as fast as
-    one; docs/benchmarks.md). Worker processes use every core, at the price of their
+    run, so detector threads take turns on one core (two threads detected 0.66x as fast
+    as one: ``python -m bench.gil``, docs/server.md). Worker processes use every core, at the price of their
     own memory (models and decode buffers per process) and a start-up of a few seconds.
     ``make_detector`` must then be picklable (a module-level function or a partial).
     """
