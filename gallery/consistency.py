@@ -150,15 +150,17 @@ def consistency_report(
     identity qualifies), opis_epsilon, opis_range (the threshold range OPIS integrates
     over, `OPIS_RANGE`), opis_points, utility, per_identity
     (id -> statistics, see `identity_summary`, plus "observed"), and worst (the `worst`
-    identities by |own_threshold - threshold|, largest first).
+    identities by |own_threshold - threshold|, largest first), and quarantined (the
+    stored templates left out because their vector failed the checks, gallery/integrity.py).
     """
     vectors, labels = gallery.embeddings()
     scores = scores_by_identity(
         vectors, labels, max_impostors_per_identity=max_impostors_per_identity, seed=seed
     )
-    return consistency_summary(
+    report = consistency_summary(
         scores, threshold, target_far=target_far, worst=worst, observed=gallery.decisions()
     )
+    return {**report, "quarantined": [q.to_dict() for q in gallery.quarantined()]}
 
 
 def _finite(value: float) -> float | None:

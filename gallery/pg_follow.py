@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING
 import psycopg
 from facegate.core.errors import FacegateError
 from facegate.gallery.pg_schema import CHANNEL
-from facegate.gallery.records import stack
 
 if TYPE_CHECKING:
     from facegate.gallery.postgres import PostgresGallery
@@ -86,11 +85,10 @@ class Follower:
                 " WHERE model_id = %s ORDER BY row_id",
                 (g.model_id,),
             ).fetchall()
-            g._cache.build(
-                names,
-                [(r, i, t) for r, i, t, _ in rows],
-                stack([bytes(b) for *_, b in rows], g.embedding_size),
+            keys, vectors = g._quarantine.screen(
+                [(r, i, t) for r, i, t, _ in rows], [bytes(b) for *_, b in rows], full=True
             )
+            g._cache.build(names, keys, vectors)
             self.stale = self._count_stale(conn)
             self.seq = seq
         log.info("gallery index built: %d templates, change sequence %d", len(rows), seq)
@@ -145,6 +143,7 @@ class Follower:
         """Apply changes in order (consecutive additions as one batch); True if the index
         asks for a rebuild."""
         cache, model_id = self.gallery._cache, self.gallery.model_id
+        quarantine = self.gallery._quarantine
         rebuild = False
         pending: list[tuple[int, str, str]] = []
         vectors: list[bytes] = []
@@ -152,7 +151,8 @@ class Follower:
         def flush() -> bool:
             if not pending:
                 return False
-            due = cache.add(pending, stack(vectors, self.gallery.embedding_size))
+            keys, good = quarantine.screen(pending, vectors)
+            due = cache.add(keys, good) if keys else False
             pending.clear()
             vectors.clear()
             return due
@@ -169,6 +169,7 @@ class Follower:
             elif op == "unidentity":
                 cache.drop_identity(identity_id)
             elif op == "untemplate":
+                quarantine.forget([row_id])
                 rebuild = cache.remove([row_id]) or rebuild
         return flush() or rebuild
 

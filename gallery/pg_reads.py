@@ -12,6 +12,7 @@ import numpy as np
 import psycopg
 from facegate.core.align import Geometry
 from facegate.core.errors import ModelMismatch, UnknownIdentity
+from facegate.gallery.integrity import Quarantine, QuarantinedTemplate
 from facegate.gallery.metadata import load_stored_metadata
 from facegate.gallery.records import (
     Candidate,
@@ -19,7 +20,6 @@ from facegate.gallery.records import (
     ReembedReport,
     Template,
     mismatch_message,
-    stack,
 )
 
 if TYPE_CHECKING:
@@ -37,6 +37,7 @@ class PostgresReads:
     _geometry_key: str
     _cache: IndexCache
     _follower: Follower
+    _quarantine: Quarantine
     _connection: Callable[[], AbstractContextManager[psycopg.Connection]]
 
     def get_identity(self, identity_id: str) -> Identity:
@@ -80,27 +81,39 @@ class PostgresReads:
         return self._cache.search(query, k)
 
     def identity_embeddings(self, identity_id: str) -> np.ndarray:
-        """The current-model template embeddings of one identity, (N, D) float32."""
+        """The current-model template embeddings of one identity, (N, D) float32, less
+        quarantined ones (409 templates_quarantined when that leaves none)."""
         with self._connection() as conn:
             if not conn.execute(
                 "SELECT 1 FROM identities WHERE identity_id = %s", (identity_id,)
             ).fetchone():
                 raise UnknownIdentity(f"unknown identity {identity_id!r}")
             rows = conn.execute(
-                "SELECT embedding FROM templates WHERE identity_id = %s AND model_id = %s"
-                " ORDER BY row_id",
+                "SELECT row_id, identity_id, template_id, embedding FROM templates"
+                " WHERE identity_id = %s AND model_id = %s ORDER BY row_id",
                 (identity_id, self.model_id),
             ).fetchall()
-        return stack([bytes(b) for (b,) in rows], self.embedding_size)
+        return self._quarantine.identity_vectors(
+            identity_id, [(r, i, t) for r, i, t, _ in rows], [bytes(b) for *_, b in rows]
+        )
 
     def embeddings(self) -> tuple[np.ndarray, list[str]]:
-        """All current-model template embeddings (N, D) and the identity id of each row."""
+        """All usable current-model template embeddings (N, D) and the identity id of each
+        row (quarantined ones left out)."""
         with self._connection() as conn:
             rows = conn.execute(
-                "SELECT identity_id, embedding FROM templates WHERE model_id = %s ORDER BY row_id",
+                "SELECT row_id, identity_id, template_id, embedding FROM templates"
+                " WHERE model_id = %s ORDER BY row_id",
                 (self.model_id,),
             ).fetchall()
-        return stack([bytes(b) for _, b in rows], self.embedding_size), [i for i, _ in rows]
+        keys, vectors = self._quarantine.screen(
+            [(r, i, t) for r, i, t, _ in rows], [bytes(b) for *_, b in rows]
+        )
+        return vectors, [i for _, i, _ in keys]
+
+    def quarantined(self) -> list[QuarantinedTemplate]:
+        """Stored templates this replica found unusable (gallery/integrity.py), oldest first."""
+        return self._quarantine.rows()
 
     def decisions(self) -> dict[str, list[tuple[float, bool]]]:
         """Observed (similarity, accepted) decisions per identity, oldest first."""
@@ -132,6 +145,7 @@ class PostgresReads:
             "embedding_size": self.embedding_size,
             "stale_templates": stale_templates,
             "stale_identities": stale_identities,
+            "quarantined_templates": len(self._quarantine),
             "keep_crops": self.keep_crops,
             "backend": "postgresql",
             "applied_seq": self._follower.seq,

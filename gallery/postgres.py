@@ -29,6 +29,7 @@ import psycopg
 from facegate.core.align import ARCFACE_112, Geometry, as_geometry
 from facegate.core.errors import DuplicateIdentity, UnknownIdentity, UnknownTemplate
 from facegate.gallery.cache import IndexCache
+from facegate.gallery.integrity import Quarantine
 from facegate.gallery.metadata import STORE_MAX_BYTES, STORE_MAX_DEPTH, check_metadata
 from facegate.gallery.pg_follow import Follower, GalleryUnavailable, unavailable
 from facegate.gallery.pg_reads import PostgresReads
@@ -82,6 +83,7 @@ class PostgresGallery(PostgresReads):
         self._geometry_key = geometry_key(self.geometry)
         self.decisions_per_identity = decisions_per_identity
         self._cache = IndexCache(embedding_size, index, gpu=gpu)
+        self._quarantine = Quarantine(embedding_size)
         self._pool = ConnectionPool(
             url,
             min_size=1,

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+from facegate.gallery.integrity import QuarantinedTemplate
 from facegate.gallery.records import Candidate, Identity, ReembedReport, Template
 
 POSTGRES_SCHEMES = ("postgresql://", "postgres://")
@@ -71,6 +72,10 @@ class GalleryStore(Protocol):
     def embeddings(self) -> tuple[np.ndarray, list[str]]: ...
 
     def decisions(self) -> dict[str, list[tuple[float, bool]]]: ...
+
+    def quarantined(self) -> list[QuarantinedTemplate]:
+        """Stored templates whose vector failed the checks (never indexed or compared)."""
+        ...
 
     def stats(self) -> dict: ...
 

@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 from facegate.core.align import Geometry
+from facegate.gallery.integrity import unit_rows
 
-NORM_TOLERANCE = 1e-3
 REEMBED_BATCH = 64
 
 @dataclass(frozen=True)
@@ -142,17 +142,9 @@ def check_embeddings(embeddings: np.ndarray, embedding_size: int) -> np.ndarray:
         vectors = vectors[None, :]
     if vectors.ndim != 2 or len(vectors) < 1 or vectors.shape[1] != embedding_size:
         raise ValueError(f"embeddings must be (N>=1, {embedding_size}), got {vectors.shape}")
-    norms = np.linalg.norm(vectors, axis=1)
-    if not np.all(np.abs(norms - 1.0) <= NORM_TOLERANCE):
+    if not unit_rows(vectors).all():
         raise ValueError("embeddings must be finite and L2-normalised")
     return vectors
-
-
-def stack(blobs: list[bytes], embedding_size: int) -> np.ndarray:
-    """float32 BLOBs -> (N, D) array (an empty (0, D) for none)."""
-    if not blobs:
-        return np.empty((0, embedding_size), dtype=np.float32)
-    return np.frombuffer(b"".join(blobs), dtype=np.float32).reshape(len(blobs), -1).copy()
 
 
 def mismatch_message(

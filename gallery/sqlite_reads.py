@@ -10,8 +10,9 @@ import numpy as np
 from facegate.core.errors import ModelMismatch, UnknownIdentity
 from facegate.gallery.cache import IndexCache
 from facegate.gallery.index import TemplateIndex
+from facegate.gallery.integrity import Quarantine, QuarantinedTemplate
 from facegate.gallery.metadata import load_stored_metadata
-from facegate.gallery.records import Candidate, Identity, Template, stack
+from facegate.gallery.records import Candidate, Identity, Template
 
 
 class SqliteReads:
@@ -22,6 +23,7 @@ class SqliteReads:
     keep_crops: bool
     _cache: IndexCache
     _index: TemplateIndex
+    _quarantine: Quarantine
     _stale_templates: int
     _stale_identities: int
     _reader: Callable[[], sqlite3.Connection]
@@ -56,27 +58,39 @@ class SqliteReads:
         return self._cache.search(query, k)
 
     def identity_embeddings(self, identity_id: str) -> np.ndarray:
-        """The current-model template embeddings of one identity, (N, D) float32."""
+        """The current-model template embeddings of one identity, (N, D) float32, less
+        quarantined ones (409 templates_quarantined when that leaves none)."""
         db = self._reader()
         self._require_identity(db, identity_id)
         rows = db.execute(
-            "SELECT embedding FROM templates WHERE identity_id = ? AND model_id = ?"
-            " ORDER BY row_id",
+            "SELECT row_id, identity_id, template_id, embedding FROM templates"
+            " WHERE identity_id = ? AND model_id = ? ORDER BY row_id",
             (identity_id, self.model_id),
         ).fetchall()
-        return self._stack([blob for (blob,) in rows])
+        return self._quarantine.identity_vectors(
+            identity_id, [(r, i, t) for r, i, t, _ in rows], [b for *_, b in rows]
+        )
 
     def embeddings(self) -> tuple[np.ndarray, list[str]]:
-        """All current-model template embeddings (N, D) and the identity id of each row."""
+        """All usable current-model template embeddings (N, D) and the identity id of each
+        row (quarantined ones left out)."""
         rows = (
             self._reader()
             .execute(
-                "SELECT identity_id, embedding FROM templates WHERE model_id = ? ORDER BY row_id",
+                "SELECT row_id, identity_id, template_id, embedding FROM templates"
+                " WHERE model_id = ? ORDER BY row_id",
                 (self.model_id,),
             )
             .fetchall()
         )
-        return self._stack([blob for _, blob in rows]), [i for i, _ in rows]
+        keys, vectors = self._quarantine.screen(
+            [(r, i, t) for r, i, t, _ in rows], [b for *_, b in rows]
+        )
+        return vectors, [i for _, i, _ in keys]
+
+    def quarantined(self) -> list[QuarantinedTemplate]:
+        """Stored templates found unusable (see gallery/integrity.py), oldest first."""
+        return self._quarantine.rows()
 
     def decisions(self) -> dict[str, list[tuple[float, bool]]]:
         """Observed (similarity, accepted) decisions per identity, oldest first."""
@@ -102,6 +116,7 @@ class SqliteReads:
             "embedding_size": self.embedding_size,
             "stale_templates": self._stale_templates,
             "stale_identities": self._stale_identities,
+            "quarantined_templates": len(self._quarantine),
             "keep_crops": self.keep_crops,
         }
 
@@ -124,6 +139,3 @@ class SqliteReads:
             Identity(i, name, load_stored_metadata(meta), created_at, tuple(templates[i]))
             for i, name, meta, created_at in rows
         ]
-
-    def _stack(self, blobs: list[bytes]) -> np.ndarray:
-        return stack(blobs, self.embedding_size)

@@ -29,6 +29,7 @@ import numpy as np
 from facegate.core.align import ARCFACE_112, Geometry, as_geometry
 from facegate.core.errors import DuplicateIdentity, UnknownIdentity, UnknownTemplate
 from facegate.gallery.cache import IndexCache
+from facegate.gallery.integrity import Quarantine, integrity_error
 from facegate.gallery.metadata import STORE_MAX_BYTES, STORE_MAX_DEPTH, check_metadata
 from facegate.gallery.records import (
     REEMBED_BATCH,
@@ -93,6 +94,7 @@ class Gallery(SqliteReads):
             )
         self._cache = IndexCache(embedding_size, index, gpu=gpu)
         self._index = self._cache.index
+        self._quarantine = Quarantine(embedding_size)
         self._stale_templates = 0
         self._stale_identities = 0
         self._stale_reembeddable = 0
@@ -134,7 +136,9 @@ class Gallery(SqliteReads):
                         " VALUES (?, ?, ?, ?)",
                         (identity_id, name, metadata_text, created_at),
                     )
-                except sqlite3.IntegrityError:
+                except sqlite3.IntegrityError as e:
+                    if "UNIQUE" not in str(e):
+                        raise integrity_error(e) from e
                     raise DuplicateIdentity(f"identity {identity_id!r} already exists") from None
                 rows = self._insert_templates(db, identity_id, vectors, sources, scores, crops)
             self._cache.set_name(identity_id, name)
@@ -174,6 +178,7 @@ class Gallery(SqliteReads):
                 self._count_stale(db)
             self._cache.drop_identity(identity_id)
             self._unindex_rows(row_ids)
+            self._quarantine.forget(row_ids)
 
     def delete_template(self, identity_id: str, template_id: str) -> None:
         with self._write_lock:
@@ -190,6 +195,7 @@ class Gallery(SqliteReads):
                 db.execute("DELETE FROM templates WHERE row_id = ?", row)
                 self._count_stale(db)
             self._unindex_rows([row[0]])
+            self._quarantine.forget([row[0]])
 
     def record_decision(
         self, identity_id: str, similarity: float, accepted: bool, route: str
@@ -203,7 +209,9 @@ class Gallery(SqliteReads):
                         " VALUES (?, ?, ?, ?, ?)",
                         (identity_id, float(similarity), int(bool(accepted)), route, time.time()),
                     )
-                except sqlite3.IntegrityError:
+                except sqlite3.IntegrityError as e:
+                    if "FOREIGN KEY" not in str(e):
+                        raise integrity_error(e) from e
                     raise UnknownIdentity(f"unknown identity {identity_id!r}") from None
                 db.execute(
                     "DELETE FROM decisions WHERE identity_id = ? AND row_id <= ("
@@ -381,11 +389,10 @@ class Gallery(SqliteReads):
             " WHERE model_id = ? ORDER BY row_id",
             (self.model_id,),
         ).fetchall()
-        self._cache.build(
-            dict(db.execute("SELECT identity_id, name FROM identities")),
-            [(r, i, t) for r, i, t, _ in rows],
-            self._stack([b for *_, b in rows]),
+        keys, vectors = self._quarantine.screen(
+            [(r, i, t) for r, i, t, _ in rows], [b for *_, b in rows], full=True
         )
+        self._cache.build(dict(db.execute("SELECT identity_id, name FROM identities")), keys, vectors)
 
     def _count_stale(self, db: sqlite3.Connection) -> None:
         self._stale_templates, self._stale_identities, self._stale_reembeddable = db.execute(

@@ -57,6 +57,10 @@ class ServerMetrics:
         self.gallery_templates = Gauge(
             "facegate_gallery_templates", "templates in the gallery", registry=r
         )
+        self.gallery_quarantined = Gauge(
+            "facegate_gallery_quarantined_templates", "stored templates whose vector failed the "
+            "checks (never matched; listed in /v1/consistency)", registry=r,
+        )
         self.batch_size = Histogram(
             "facegate_embed_batch_size", "crops per embedder call", buckets=BATCH_BUCKETS, registry=r
         )
@@ -88,9 +92,10 @@ class ServerMetrics:
         self.decisions.labels(route, "match" if accepted else "no_match").inc()
         self.similarity.labels(route).observe(similarity)
 
-    def set_gallery_size(self, identities: int, templates: int) -> None:
+    def set_gallery_size(self, identities: int, templates: int, quarantined: int = 0) -> None:
         self.gallery_identities.set(identities)
         self.gallery_templates.set(templates)
+        self.gallery_quarantined.set(quarantined)
 
     def set_consistency(self, opis: float | None, worst: Sequence[Mapping[str, Any]]) -> None:
         """Replace the per-identity gauges with the worst identities of a new report."""

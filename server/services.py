@@ -92,7 +92,10 @@ class Services:
             stats = await self.gallery.call(lambda g: g.stats())
         except GalleryUnavailable:
             return {}
-        self.metrics.set_gallery_size(int(stats.get("identities", 0)), int(stats.get("templates", 0)))
+        self.metrics.set_gallery_size(
+            int(stats.get("identities", 0)), int(stats.get("templates", 0)),
+            int(stats.get("quarantined_templates", 0)),
+        )
         return stats
 
 

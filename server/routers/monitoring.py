@@ -36,6 +36,7 @@ async def consistency(services: ServicesDep, settings: SettingsDep) -> dict[str,
         )
     )
     services.metrics.set_consistency(report["opis"], report["worst"])
+    services.metrics.gallery_quarantined.set(len(report["quarantined"]))
     return report
 
 
