@@ -297,6 +297,14 @@ class WorstIdentity(IdentityConsistency):
     identity_id: str
 
 
+class QuarantinedTemplate(BaseModel):
+    """A stored template whose vector failed the checks: never indexed, never compared."""
+
+    identity_id: str
+    template_id: str
+    reason: str = Field(description="what is wrong with the stored vector")
+
+
 class ConsistencyResponse(BaseModel):
     """How well one threshold serves every enrolled identity (see docs/server.md)."""
 
@@ -312,6 +320,10 @@ class ConsistencyResponse(BaseModel):
     utility: str
     per_identity: dict[str, IdentityConsistency]
     worst: list[WorstIdentity] = Field(description="largest |threshold_gap| first")
+    quarantined: list[QuarantinedTemplate] = Field(
+        default_factory=list, description="stored templates left out of the report and of "
+        "every comparison because their vector is damaged (not finite, wrong size, not unit norm)",
+    )
 
 
 class Ready(BaseModel):
