@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
                   "learn a bundle's USS threshold on frozen embeddings of labelled crops"),
     "export": ("facegate.export.cli", "export a checkpoint to ONNX / TensorRT bundles"),
     "serve": ("facegate.server.cli", "run the HTTP server"),
+    "keys": ("facegate.server.keys_cli", "create, list and revoke named API keys with scopes"),
     "gallery": ("facegate.gallery.cli",
                 "gallery maintenance: `gallery reembed` moves kept crops to a new model bundle"),
 }

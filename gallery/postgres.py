@@ -28,6 +28,7 @@ import numpy as np
 import psycopg
 from facegate.core.align import ARCFACE_112, Geometry, as_geometry
 from facegate.core.errors import DuplicateIdentity, UnknownIdentity, UnknownTemplate
+from facegate.gallery.audit import CALLER, DECISIONS_PER_CALLER, prepare_postgres
 from facegate.gallery.cache import IndexCache
 from facegate.gallery.integrity import Quarantine
 from facegate.gallery.metadata import STORE_MAX_BYTES, STORE_MAX_DEPTH, check_metadata
@@ -98,6 +99,7 @@ class PostgresGallery(PostgresReads):
             self._pool.open(wait=True, timeout=max(pool_timeout_s, 10.0))
             with self._pool.connection() as conn:
                 migrate(conn)
+                prepare_postgres(conn)  # the audit trail and decisions.caller (gallery/audit.py)
         except BaseException:
             self._pool.close()
             raise
@@ -193,13 +195,21 @@ class PostgresGallery(PostgresReads):
     ) -> None:
         """Log an observed verify decision; only the last `decisions_per_identity` are kept.
 
+        Of those, the last DECISIONS_PER_CALLER of the calling key (gallery/audit.py).
         Changes nothing search sees, so it takes no change-sequence lock."""
+        caller = CALLER.get()
         try:
             with self._connection() as conn, conn.transaction():
                 conn.execute(
-                    "INSERT INTO decisions (identity_id, similarity, accepted, route, created_at)"
-                    " VALUES (%s, %s, %s, %s, %s)",
-                    (identity_id, float(similarity), bool(accepted), route, time.time()),
+                    "INSERT INTO decisions (identity_id, similarity, accepted, route, created_at,"
+                    " caller) VALUES (%s, %s, %s, %s, %s, %s)",
+                    (identity_id, float(similarity), bool(accepted), route, time.time(), caller),
+                )
+                conn.execute(
+                    "DELETE FROM decisions WHERE identity_id = %s AND caller IS NOT DISTINCT FROM %s"
+                    " AND row_id <= (SELECT row_id FROM decisions WHERE identity_id = %s AND caller"
+                    " IS NOT DISTINCT FROM %s ORDER BY row_id DESC LIMIT 1 OFFSET %s)",
+                    (identity_id, caller, identity_id, caller, DECISIONS_PER_CALLER),
                 )
                 conn.execute(
                     "DELETE FROM decisions WHERE identity_id = %s AND row_id <= ("

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 from facegate.core.align import ARCFACE_112, Geometry, as_geometry
 from facegate.core.errors import DuplicateIdentity, UnknownIdentity, UnknownTemplate
+from facegate.gallery.audit import CALLER, DECISIONS_PER_CALLER, prepare_sqlite
 from facegate.gallery.cache import IndexCache
 from facegate.gallery.integrity import Quarantine, integrity_error
 from facegate.gallery.metadata import STORE_MAX_BYTES, STORE_MAX_DEPTH, check_metadata
@@ -89,6 +90,7 @@ class Gallery(SqliteReads):
                 (str(SCHEMA_VERSION),),
             )
             migrate(db, self.path)
+            prepare_sqlite(db)  # the audit trail and decisions.caller (gallery/audit.py)
             db.execute(
                 "INSERT OR REPLACE INTO meta(key, value) VALUES ('model_id', ?)", (model_id,)
             )
@@ -200,19 +202,28 @@ class Gallery(SqliteReads):
     def record_decision(
         self, identity_id: str, similarity: float, accepted: bool, route: str
     ) -> None:
-        """Log an observed verify decision; only the last `decisions_per_identity` are kept."""
+        """Log an observed verify decision; only the last `decisions_per_identity` are kept,
+        and of those the last DECISIONS_PER_CALLER of the calling key (gallery/audit.py)."""
+        caller = CALLER.get()
         with self._write_lock:
             with self._transaction() as db:
                 try:
                     db.execute(
-                        "INSERT INTO decisions(identity_id, similarity, accepted, route, created_at)"
-                        " VALUES (?, ?, ?, ?, ?)",
-                        (identity_id, float(similarity), int(bool(accepted)), route, time.time()),
+                        "INSERT INTO decisions(identity_id, similarity, accepted, route,"
+                        " created_at, caller) VALUES (?, ?, ?, ?, ?, ?)",
+                        (identity_id, float(similarity), int(bool(accepted)), route, time.time(),
+                         caller),
                     )
                 except sqlite3.IntegrityError as e:
                     if "FOREIGN KEY" not in str(e):
                         raise integrity_error(e) from e
                     raise UnknownIdentity(f"unknown identity {identity_id!r}") from None
+                db.execute(
+                    "DELETE FROM decisions WHERE identity_id = ? AND caller IS ? AND row_id <= ("
+                    " SELECT row_id FROM decisions WHERE identity_id = ? AND caller IS ?"
+                    " ORDER BY row_id DESC LIMIT 1 OFFSET ?)",
+                    (identity_id, caller, identity_id, caller, DECISIONS_PER_CALLER),
+                )
                 db.execute(
                     "DELETE FROM decisions WHERE identity_id = ? AND row_id <= ("
                     " SELECT row_id FROM decisions WHERE identity_id = ?"

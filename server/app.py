@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from facegate.server import schemas
+from facegate.server.auth import Auth
 from facegate.server.deps import get_services
 from facegate.server.errors import install_error_handlers
 from facegate.server.metrics import ServerMetrics
@@ -36,7 +37,7 @@ from facegate import __version__
 def create_app(settings: Settings | None = None) -> FastAPI:
     """One app for ``settings`` (read from ``FACEGATE_*`` when omitted)."""
     settings = settings or Settings()
-    metrics = ServerMetrics()
+    metrics = ServerMetrics(identity_ids=settings.metrics_identity_ids)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -58,6 +59,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.metrics = metrics
+    app.state.auth = Auth(settings, metrics)
     app.state.services = None
     install_error_handlers(app)
     include_routers(app)

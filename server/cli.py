@@ -50,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
         port=args.port,
         log_level=args.log_level,
         timeout_graceful_shutdown=10,
+        limit_concurrency=settings.max_connections,  # above it: 503 at once, not a pile-up
         # h11 explicitly: the header deadline (slowloris) lives in this subclass of its protocol
         http=h11_protocol(settings.header_timeout_s),
     )

@@ -1,16 +1,19 @@
-"""FastAPI dependencies: the app's settings and services, and the two API keys.
+"""FastAPI dependencies: the app's settings and services, and who the caller is.
 
-``X-API-Key`` guards every /v1 route when ``FACEGATE_API_KEY`` is set; changing the
-gallery (enrol, add templates, delete) also needs ``X-Admin-Key`` when
-``FACEGATE_ADMIN_KEY`` is set. Missing key: 401; wrong key: 403.
+Every /v1 route names the scope it needs (``require("verify")``, ``"enrol"``,
+``"admin"``); ``server.auth`` checks the presented ``X-API-Key`` / ``X-Admin-Key``
+against the key ring. Missing key: 401; wrong key: 403 (and, repeated, 429); a key
+without the scope: 403 ``insufficient_scope``.
 """
 
 from __future__ import annotations
 
-import secrets
+from collections.abc import Callable
 from typing import Annotated
 
-from facegate.server.errors import MissingAPIKey, NotReady, WrongAPIKey
+from facegate.gallery.audit import CALLER
+from facegate.server.auth import Auth, Caller
+from facegate.server.errors import NotReady
 from facegate.server.services import Services
 from facegate.server.settings import Settings
 from fastapi import Depends, Request, Security
@@ -31,27 +34,40 @@ def get_services(request: Request) -> Services:
     return services
 
 
-def _check(expected: str | None, given: str | None, header: str) -> None:
-    if expected is None:
-        return
-    if not given:
-        raise MissingAPIKey(f"missing {header} header")
-    if not secrets.compare_digest(given.encode(), expected.encode()):
-        raise WrongAPIKey(f"wrong {header}")
+async def authenticate(
+    request: Request,
+    api_key: Annotated[str | None, Security(_api_key_header)],
+    admin_key: Annotated[str | None, Security(_admin_key_header)],
+) -> Caller:
+    """The caller (cached per request: a router's and a route's dependency share it)."""
+    auth: Auth = request.app.state.auth
+    client = request.client.host if request.client else "unknown"
+    caller = auth.identify(client, api_key, admin_key)
+    request.state.caller = caller.name
+    CALLER.set(caller.name)  # async: set in the request's own task, seen by its gallery calls
+    return caller
 
 
-def require_api_key(
-    settings: Annotated[Settings, Depends(get_settings)],
-    key: Annotated[str | None, Security(_api_key_header)],
+def require(scope: str) -> Callable[..., Caller]:
+    """A dependency that lets the request through only with ``scope``."""
+
+    async def check(request: Request, caller: Annotated[Caller, Depends(authenticate)]) -> Caller:
+        request.app.state.auth.require(caller, scope)
+        return caller
+
+    check.__name__ = f"require_{scope}"
+    return check
+
+
+async def metrics_guard(
+    request: Request,
+    api_key: Annotated[str | None, Security(_api_key_header)],
+    admin_key: Annotated[str | None, Security(_admin_key_header)],
 ) -> None:
-    _check(settings.api_key, key, "X-API-Key")
-
-
-def require_admin_key(
-    settings: Annotated[Settings, Depends(get_settings)],
-    key: Annotated[str | None, Security(_admin_key_header)],
-) -> None:
-    _check(settings.admin_key, key, "X-Admin-Key")
+    """/metrics needs the metrics scope only where ``FACEGATE_METRICS_REQUIRE_KEY`` is set
+    (else it stays open, even to a locked-out client: a scraper is not a guesser)."""
+    if request.app.state.settings.metrics_require_key:
+        request.app.state.auth.require(await authenticate(request, api_key, admin_key), "metrics")
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]

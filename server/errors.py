@@ -24,6 +24,25 @@ class WrongAPIKey(FacegateError):
     status = 403
 
 
+class InsufficientScope(FacegateError):
+    """A valid key without the scope the route needs (a verify key never writes)."""
+
+    code = "insufficient_scope"
+    status = 403
+
+
+class TooManyRequests(FacegateError):
+    """429 with ``Retry-After``: too many failed authentications (``auth_locked_out``) or
+    a key over its request rate (``rate_limited``)."""
+
+    status = 429
+
+    def __init__(self, code: str, message: str, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.code = code
+        self.headers = {"Retry-After": str(retry_after_s)}
+
+
 class ThresholdOverrideForbidden(FacegateError):
     code = "threshold_override_forbidden"
     status = 403
@@ -80,6 +99,7 @@ _HTTP_CODES = {
     413: "request_too_large",
     415: "unsupported_media_type",
     422: "validation_error",
+    429: "too_many_requests",
     503: "not_ready",
 }
 
@@ -116,7 +136,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(FacegateError)
     async def _facegate(_: Request, exc: FacegateError) -> JSONResponse:
-        return error_response(exc.status, exc.code, exc.message)
+        response = error_response(exc.status, exc.code, exc.message)
+        response.headers.update(getattr(exc, "headers", None) or {})
+        return response
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:

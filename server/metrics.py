@@ -2,7 +2,7 @@
 
 Label sets are bounded on purpose: routes are templates (``/v1/identities/{identity_id}``,
 never the id), and per-identity gauges exist only for the worst N identities of the
-last consistency report, cleared and re-set on each computation.
+last consistency report, by rank, cleared and re-set on each computation.
 """
 
 from __future__ import annotations
@@ -19,11 +19,16 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
 class ServerMetrics:
-    """All the server's instruments, registered in ``self.registry``."""
+    """All the server's instruments, registered in ``self.registry``.
 
-    def __init__(self) -> None:
+    ``identity_ids``: label the worst identities' gauges with their ids as well as their
+    rank. Off by default: /metrics is usually unauthenticated, and an id names a person."""
+
+    def __init__(self, identity_ids: bool = False) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        self.identity_ids = identity_ids
         r = self.registry
+        worst_labels = ["rank", "identity_id"] if identity_ids else ["rank"]
         self.requests = Counter(
             "facegate_http_requests", "HTTP requests", ["method", "route", "status"], registry=r
         )
@@ -69,15 +74,22 @@ class ServerMetrics:
         )
         self.identity_frr = Gauge(
             "facegate_identity_frr",
-            "false-reject rate of the worst identities at the threshold",
-            ["identity_id"],
+            "false-reject rate of the worst identities at the threshold (rank 1: worst)",
+            worst_labels,
             registry=r,
         )
         self.identity_far = Gauge(
             "facegate_identity_far",
-            "false-accept rate of the worst identities at the threshold",
-            ["identity_id"],
+            "false-accept rate of the worst identities at the threshold (rank 1: worst)",
+            worst_labels,
             registry=r,
+        )
+        self.auth_refused = Counter(
+            "facegate_auth_refused", "requests refused by authentication, by reason "
+            "(wrong_key, locked_out, rate_limited, insufficient_scope)", ["reason"], registry=r,
+        )
+        self.auth_lockouts = Counter(
+            "facegate_auth_lockouts", "clients locked out for repeated wrong keys", registry=r
         )
 
     def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
@@ -103,12 +115,12 @@ class ServerMetrics:
         self.identity_far.clear()
         if opis is not None:
             self.opis.set(opis)
-        for row in worst:
-            identity_id = str(row["identity_id"])
+        for rank, row in enumerate(worst, start=1):
+            labels = [str(rank), str(row["identity_id"])] if self.identity_ids else [str(rank)]
             if row.get("frr") is not None:
-                self.identity_frr.labels(identity_id).set(row["frr"])
+                self.identity_frr.labels(*labels).set(row["frr"])
             if row.get("far") is not None:
-                self.identity_far.labels(identity_id).set(row["far"])
+                self.identity_far.labels(*labels).set(row["far"])
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -8,6 +8,7 @@ dedicated pool: off the event loop, and never starved by the detector threads.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -48,7 +49,8 @@ class GalleryWorker:
         gallery = self.gallery
         assert gallery is not None, "gallery is not open"
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, fn, gallery)
+        # In the caller's context: the store records which key asked (gallery.audit.CALLER).
+        return await loop.run_in_executor(self._executor, contextvars.copy_context().run, fn, gallery)
 
     async def close(self) -> None:
         if self.gallery is not None:

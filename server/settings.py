@@ -31,6 +31,31 @@ class Settings(BaseSettings):
     admin_key: str | None = Field(
         None, description="X-Admin-Key required to enrol and delete when set"
     )
+    api_key_scopes: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["verify"], description="comma-separated scopes of "
+        "FACEGATE_API_KEY (verify, enrol, admin, metrics); verify only by default, so one "
+        "shared key cannot enrol or delete (docs/server.md, keys and scopes)",
+    )
+    keys_file: Path | None = Field(
+        None, description="named keys with scopes, stored hashed (`facegate keys create`)"
+    )
+    auth_failure_limit: int = Field(
+        20, ge=1, description="failed authentications from one client within "
+        "auth_failure_window_s before it gets 429 for auth_lockout_s",
+    )
+    auth_failure_window_s: float = Field(60.0, gt=0)
+    auth_lockout_s: float = Field(60.0, gt=0)
+    max_connections: int = Field(
+        1000, ge=1, description="open connections plus requests in progress; above it "
+        "uvicorn answers 503 at once",
+    )
+    metrics_require_key: bool = Field(
+        False, description="/metrics needs a key with the metrics scope"
+    )
+    metrics_identity_ids: bool = Field(
+        False, description="label the worst identities' FRR/FAR gauges with their ids "
+        "(personal data; by default they are labelled by rank)",
+    )
     detector: Literal["dlib", "scrfd"] = "dlib"
     detector_model: Path | None = Field(None, description="SCRFD ONNX file (detector=scrfd)")
     detector_upsample: int = Field(1, ge=0, le=3, description="dlib upsampling steps")
@@ -104,6 +129,13 @@ class Settings(BaseSettings):
     )
     target_far: float = Field(1e-3, gt=0, lt=1, description="FAR target of the consistency report")
     metrics_worst_n: int = Field(10, ge=0, description="identities exported as FRR/FAR gauges")
+
+    @field_validator("api_key_scopes", mode="before")
+    @classmethod
+    def _split_scopes(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [scope.strip() for scope in value.split(",") if scope.strip()]
+        return value
 
     @field_validator("gallery", mode="before")
     @classmethod

@@ -462,8 +462,10 @@ def test_consistency_report_and_bounded_identity_gauges(bundle, tmp_path, photos
             assert row["genuine_pairs"] == 1 and row["impostor_pairs"] == 8
         assert len(report["worst"]) == 2
         families = {f.name: f for f in text_string_to_metric_families(c.get("/metrics").text)}
-        frr = {s.labels["identity_id"]: s.value for s in families["facegate_identity_frr"].samples}
-        assert set(frr) == {row["identity_id"] for row in report["worst"]}
+        frr = {s.labels["rank"]: s for s in families["facegate_identity_frr"].samples}
+        assert set(frr) == {"1", "2"}  # by rank: unauthenticated /metrics names nobody
+        assert not any("identity_id" in s.labels for s in frr.values())
+        assert not any(who in c.get("/metrics").text for who, _ in items)
         assert families["facegate_consistency_opis"].samples[0].value == pytest.approx(report["opis"])
 
 

@@ -9,7 +9,7 @@ from typing import Any
 from facegate.core.errors import FacegateError
 from facegate.gallery import Identity
 from facegate.server import schemas
-from facegate.server.deps import require_api_key
+from facegate.server.deps import authenticate, require
 from facegate.server.pipeline import PreparedFace
 from facegate.server.services import Services
 from fastapi import APIRouter, Depends
@@ -19,7 +19,8 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     for status, text in {
         400: "undecodable image",
         401: "missing API key",
-        403: "wrong API key",
+        403: "wrong API key, or a key without the route's scope",
+        429: "too many failed authentications, or the key is over its rate",
         413: "image or request too large",
         415: "unsupported image type",
         422: "no face, several faces (strict), or invalid request",
@@ -27,12 +28,13 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-def v1_router(prefix: str = "", **kwargs: Any) -> APIRouter:
-    """A router under /v1 behind the API key. The full prefix is its own (not a parent's)
-    because the request metrics label requests with the matched route's path."""
+def v1_router(prefix: str = "", scope: str | None = "verify", **kwargs: Any) -> APIRouter:
+    """A router under /v1 whose routes need ``scope`` (None: each route names its own;
+    ``server.keys``). The full prefix is its own (not a parent's) because the request
+    metrics label requests with the matched route's path."""
     return APIRouter(
         prefix=f"/v1{prefix}",
-        dependencies=[Depends(require_api_key)],
+        dependencies=[Depends(require(scope) if scope else authenticate)],
         responses=ERROR_RESPONSES,
         **kwargs,
     )

@@ -11,7 +11,7 @@ import numpy as np
 from facegate.core.errors import DuplicateIdentity, FacegateError, MultipleFacesError
 from facegate.gallery.metadata import parse_metadata
 from facegate.server import schemas
-from facegate.server.deps import ServicesDep, require_admin_key
+from facegate.server.deps import ServicesDep, require
 from facegate.server.errors import InvalidRequest, NoUsableImage, TooManyImages
 from facegate.server.pipeline import PreparedFace
 from facegate.server.routers.common import identity_info, prepare_all, v1_router
@@ -24,8 +24,10 @@ IDENTITY_ID_PATTERN = r"^(?!\.{1,2}$)[A-Za-z0-9._:\-]{1,128}$"
 # SQLite binds 64-bit integers; a page offset beyond any gallery is refused, not a 500.
 MAX_OFFSET = 2**31 - 1
 
-router = v1_router("/identities", tags=["identities"])
-admin = [Depends(require_admin_key)]
+router = v1_router("/identities", scope=None, tags=["identities"])
+reader = [Depends(require("verify"))]
+enroller = [Depends(require("enrol"))]
+admin = [Depends(require("admin"))]
 
 
 async def _read_uploads(
@@ -120,7 +122,7 @@ def _exists(gallery: Any, identity_id: str) -> bool:
     "",
     status_code=201,
     response_model=schemas.EnrolResponse,
-    dependencies=admin,
+    dependencies=enroller,
     summary="Enrol an identity from one or more photos",
     responses={409: {"model": schemas.ErrorResponse, "description": "duplicate identity_id"}},
 )
@@ -154,7 +156,7 @@ async def enrol(
     "/{identity_id}/templates",
     status_code=201,
     response_model=schemas.EnrolResponse,
-    dependencies=admin,
+    dependencies=enroller,
     summary="Add photos to an enrolled identity",
 )
 async def add_templates(
@@ -173,7 +175,10 @@ async def add_templates(
     return schemas.EnrolResponse(identity=identity_info(identity), images=new.report)
 
 
-@router.get("", response_model=schemas.IdentityList, summary="List enrolled identities (paginated)")
+@router.get(
+    "", response_model=schemas.IdentityList, dependencies=reader,
+    summary="List enrolled identities (paginated)",
+)
 async def list_identities(
     services: ServicesDep,
     offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
@@ -187,7 +192,10 @@ async def list_identities(
     )
 
 
-@router.get("/{identity_id}", response_model=schemas.IdentityInfo, summary="One identity and its templates")
+@router.get(
+    "/{identity_id}", response_model=schemas.IdentityInfo, dependencies=reader,
+    summary="One identity and its templates",
+)
 async def get_identity(services: ServicesDep, identity_id: str) -> schemas.IdentityInfo:
     return identity_info(await services.gallery.call(lambda g: g.get_identity(identity_id)))
 

@@ -9,10 +9,10 @@ from typing import Annotated, Any
 import numpy as np
 from facegate.gallery.consistency import consistency_report
 from facegate.server import schemas
-from facegate.server.deps import ServicesDep, SettingsDep
+from facegate.server.deps import ServicesDep, SettingsDep, metrics_guard
 from facegate.server.routers.common import v1_router
 from facegate.server.services import Services
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 
@@ -134,8 +134,11 @@ async def readyz(request: Request) -> JSONResponse:
     return JSONResponse(ready.model_dump())
 
 
-@probes.head("/metrics", include_in_schema=False)
-@probes.get("/metrics", summary="Prometheus metrics")
+@probes.head("/metrics", include_in_schema=False, dependencies=[Depends(metrics_guard)])
+@probes.get(
+    "/metrics", summary="Prometheus metrics (no identity ids unless FACEGATE_METRICS_IDENTITY_IDS)",
+    dependencies=[Depends(metrics_guard)],
+)
 async def prometheus_metrics(request: Request) -> Response:
     return Response(
         request.app.state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8"
