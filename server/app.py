@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from facegate.server import schemas
+from facegate.server.audit import AuditMiddleware, AuditTrail
 from facegate.server.auth import Auth
 from facegate.server.deps import get_services
 from facegate.server.errors import install_error_handlers
@@ -38,15 +39,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     """One app for ``settings`` (read from ``FACEGATE_*`` when omitted)."""
     settings = settings or Settings()
     metrics = ServerMetrics(identity_ids=settings.metrics_identity_ids)
+    audit = AuditTrail(settings.gallery, metrics)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         services = await start_services(settings, metrics)
+        await audit.open()  # after the gallery, which creates the audit table
         app.state.services = services
         try:
             yield
         finally:
             app.state.services = None
+            await audit.close()
             await stop_services(services)
 
     app = FastAPIOffline(
@@ -60,6 +64,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.auth = Auth(settings, metrics)
+    app.state.audit = audit
     app.state.services = None
     install_error_handlers(app)
     include_routers(app)
@@ -72,6 +77,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_headers=["X-API-Key", "X-Admin-Key", "X-Request-ID", "Content-Type"],
             expose_headers=["X-Request-ID"],
         )
+    app.add_middleware(AuditMiddleware, trail=audit)  # innermost: sees the route and caller
     app.add_middleware(
         BodyGuardMiddleware,
         max_bytes=settings.max_request_bytes,

@@ -88,6 +88,11 @@ class ServerMetrics:
             "facegate_auth_refused", "requests refused by authentication, by reason "
             "(wrong_key, locked_out, rate_limited, insufficient_scope)", ["reason"], registry=r,
         )
+        self.audit_failures = Counter(
+            "facegate_audit_write_failures", "audit records not written, by reason (write: "
+            "the database refused, e.g. disk full; dropped: too many waiting)", ["reason"],
+            registry=r,
+        )
         self.auth_lockouts = Counter(
             "facegate_auth_lockouts", "clients locked out for repeated wrong keys", registry=r
         )
