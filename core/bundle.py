@@ -7,7 +7,9 @@ size, colour order, normalisation), the geometry of its input crops (an optional
 absent means the ArcFace 112x112 template, what every bundle before it used) and the
 threshold to decide with, so a server never runs a model whose files, crops or
 preprocessing differ from what was evaluated (the rules: ``core.manifest``). Every
-problem is a ``BundleError`` saying exactly what is wrong.
+writer here seals the manifest's decision settings (``core.seal``) and ``model_id``
+derives from that seal, so an edited threshold is refused and a re-sealed one is another
+model. Every problem is a ``BundleError`` saying exactly what is wrong.
 """
 
 from __future__ import annotations
@@ -37,12 +39,22 @@ from facegate.core.manifest import (
     is_number,
     validate_manifest,
 )
+from facegate.core.seal import (
+    SEAL_KEY,
+    SIGNATURE_KEY,
+    BundleSealError,
+    check_seal,
+    make_seal,
+    seal_digest,
+)
 
 __all__ = [
     "Bundle",
     "add_file",
     "load_bundle",
+    "seal_bundle",
     "sha256_file",
+    "sign_bundle",
     "write_bundle",
 ]
 
@@ -81,9 +93,24 @@ class Bundle:
         return self.manifest["files"][self.onnx_path.name]["sha256"]
 
     @property
+    def digest(self) -> str:
+        """The seal digest of the decision settings as loaded (``core.seal``)."""
+        return seal_digest(self.manifest)
+
+    @property
+    def sealed(self) -> bool:
+        """Whether the manifest carries a seal (``load_bundle`` checked that it matches)."""
+        return SEAL_KEY in self.manifest
+
+    @property
+    def signature(self) -> dict[str, Any] | None:
+        return self.manifest.get(SIGNATURE_KEY)
+
+    @property
     def model_id(self) -> str:
-        """``name@version#<first 12 hex of the ONNX sha256>``: what galleries tie templates to."""
-        return f"{self.name}@{self.version}#{self.onnx_sha256[:12]}"
+        """``name@version#<first 12 hex of the seal digest>``: what galleries tie templates
+        to; other decision settings (threshold, geometry, files...) give another id."""
+        return f"{self.name}@{self.version}#{self.digest[:12]}"
 
     @property
     def input_spec(self) -> dict[str, Any]:
@@ -161,7 +188,9 @@ def load_bundle(path: str | os.PathLike[str], verify: bool = True) -> Bundle:
     """Load and check a bundle folder (or its manifest.json).
 
     Always checks the manifest schema and that every listed file exists; with
-    ``verify`` also every file's sha256 and the ONNX graph's names and output size.
+    ``verify`` also every file's sha256, the seal (``BundleSealError`` names the changed
+    fields; a bundle without a seal loads, ``Bundle.sealed`` is False: callers decide)
+    and the ONNX graph's names and output size.
     """
     root = Path(path).resolve()
     if root.is_file() and root.name == MANIFEST_NAME:
@@ -171,13 +200,24 @@ def load_bundle(path: str | os.PathLike[str], verify: bool = True) -> Bundle:
     manifest = _read_manifest(root)
     _check_files(root, manifest, verify)
     if verify:
+        check_seal(manifest, str(root / MANIFEST_NAME))
         check_onnx_graph(root / embedder_filename(manifest), manifest)
     log.debug("loaded bundle %s from %s (verify=%s)", manifest["name"], root, verify)
     return _to_bundle(root, manifest)
 
 
-def _write_manifest(root: Path, manifest: dict[str, Any]) -> None:
-    """Atomic: write a temp file in the same folder, fsync, then os.replace."""
+def _write_manifest(
+    root: Path, manifest: dict[str, Any], signature: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Seal ``manifest`` and write it atomically (temp file in the same folder, fsync,
+    os.replace); returns what was written. An old signature is over an old seal, so it
+    is dropped unless ``signature`` (made for this seal) is given."""
+    if SIGNATURE_KEY in manifest and signature is None:
+        log.warning("%s: signature dropped by the rewrite; sign the bundle again", root)
+    manifest = {k: v for k, v in manifest.items() if k not in (SEAL_KEY, SIGNATURE_KEY)}
+    manifest[SEAL_KEY] = make_seal(manifest)
+    if signature is not None:
+        manifest[SIGNATURE_KEY] = signature
     fd, tmp = tempfile.mkstemp(prefix=".manifest.", suffix=".json", dir=root)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -190,6 +230,7 @@ def _write_manifest(root: Path, manifest: dict[str, Any]) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return manifest
 
 
 def _place_file(root: Path, source: Path, filename: str) -> Path:
@@ -224,11 +265,12 @@ def write_bundle(
     form; or ``extra["geometry"]``, not both; default the ArcFace 112 template) is
     written to the manifest, and the default ``input`` gets its crop size. ``extra``
     adds sections such as ``training``, ``evaluation``, ``parity``, or overrides
-    ``input``/``output`` (an ``input`` must state the geometry's size).
+    ``input``/``output`` (an ``input`` must state the geometry's size); a ``seal`` or
+    ``signature`` in it (copied from another manifest) is replaced by the new seal.
     Engines are registered afterwards with ``add_file``. Nothing is written
     if the manifest or the ONNX graph does not check out.
     """
-    extra = dict(extra or {})
+    extra = {k: v for k, v in (extra or {}).items() if k not in (SEAL_KEY, SIGNATURE_KEY)}
     clashing = sorted(_ARGUMENT_KEYS & extra.keys())
     if clashing:
         raise BundleError(f"write_bundle: extra may not set {clashing}; pass them as arguments")
@@ -262,7 +304,7 @@ def write_bundle(
     check_onnx_graph(source, manifest)
     target = _place_file(root, source, filename)
     manifest["files"][filename]["sha256"] = sha256_file(target)
-    _write_manifest(root, manifest)
+    manifest = _write_manifest(root, manifest)
     log.info("wrote bundle %s@%s to %s", name, version, root)
     return _to_bundle(root, manifest)
 
@@ -277,6 +319,7 @@ def add_file(bundle_path: str | os.PathLike[str], filename: str | os.PathLike[st
     """
     root = Path(bundle_path).resolve()
     manifest = _read_manifest(root)
+    check_seal(manifest, str(root / MANIFEST_NAME))  # never seal someone's edit in passing
     candidate = Path(filename)
     name = candidate.name
     source = candidate if candidate.is_absolute() or len(candidate.parts) > 1 else root / name
@@ -292,6 +335,38 @@ def add_file(bundle_path: str | os.PathLike[str], filename: str | os.PathLike[st
     target = _place_file(root, source, name)
     manifest["files"][name] = {"sha256": sha256_file(target), **meta}
     validate_manifest(manifest)
-    _write_manifest(root, manifest)
+    manifest = _write_manifest(root, manifest)
     log.info("registered %s (%s) in bundle %s", name, meta["role"], root)
     return _to_bundle(root, manifest)
+
+
+def seal_bundle(bundle_path: str | os.PathLike[str]) -> tuple[Bundle, list[str]]:
+    """Seal a bundle's current decision settings, edits included: ``facegate bundle seal``,
+    the deliberate way to make an edited or unsealed bundle a (new) model. Files are
+    verified first. Returns the bundle and the fields that differ from the old seal (all
+    of them for a bundle that had none)."""
+    root = Path(bundle_path).resolve()
+    manifest = _read_manifest(root)
+    _check_files(root, manifest, verify=True)
+    check_onnx_graph(root / embedder_filename(manifest), manifest)
+    old = manifest.get(SEAL_KEY)
+    old_fields = old.get("fields") if isinstance(old, dict) else None
+    new_fields = make_seal(manifest)["fields"]
+    changed = [n for n, d in new_fields.items()
+               if not isinstance(old_fields, dict) or old_fields.get(n) != d]
+    manifest = _write_manifest(root, manifest)
+    return _to_bundle(root, manifest), changed
+
+
+def sign_bundle(bundle_path: str | os.PathLike[str], private_key: str | os.PathLike[str]) -> Bundle:
+    """Add an Ed25519 signature over the (checked) seal digest of a sealed bundle."""
+    from facegate.core.signing import load_private_key, sign_digest
+
+    bundle = load_bundle(bundle_path)
+    if not bundle.sealed:
+        raise BundleSealError(
+            f"{bundle.path}: not sealed; seal it first (`facegate bundle seal`) or rewrite it"
+        )
+    signature = sign_digest(load_private_key(Path(private_key)), bundle.digest)
+    manifest = _write_manifest(bundle.path, bundle.manifest, signature=signature)
+    return _to_bundle(bundle.path, manifest)

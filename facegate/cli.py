@@ -22,6 +22,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "calibrate": ("facegate.train.calibrate",
                   "learn a bundle's USS threshold on frozen embeddings of labelled crops"),
     "export": ("facegate.export.cli", "export a checkpoint to ONNX / TensorRT bundles"),
+    "bundle": ("facegate.core.cli_bundle",
+               "seal, sign and verify model bundles; generate Ed25519 signing keys"),
     "serve": ("facegate.server.cli", "run the HTTP server"),
     "keys": ("facegate.server.keys_cli", "create, list and revoke named API keys with scopes"),
     "gallery": ("facegate.gallery.cli",

@@ -14,6 +14,10 @@ import os
 import sys
 from pathlib import Path
 
+# Exit status of a refused bundle: uvicorn's own for a failed start-up, which the lifespan
+# (the same check) gives when the app is started another way.
+STARTUP_REFUSED = 3
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bundle", type=Path, default=None, help="model bundle (default models/default)")
@@ -28,7 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import uvicorn
+    from facegate.core.errors import BundleError
     from facegate.server.http import h11_protocol
+    from facegate.server.services import load_served_bundle
     from facegate.server.settings import Settings
 
     if args.bundle is not None:
@@ -43,6 +49,11 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    try:  # refuse a tampered, unsealed or untrusted bundle before uvicorn starts (docs/server.md)
+        load_served_bundle(settings)
+    except BundleError as err:
+        print(f"facegate serve: refusing to start: {err.message}", file=sys.stderr)
+        return STARTUP_REFUSED
     uvicorn.run(
         "facegate.server.app:create_app",
         factory=True,

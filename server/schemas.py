@@ -46,7 +46,7 @@ class Timings(BaseModel):
 
 
 _EMBEDDING = {
-    "model_id": "facegate-default@2026.11.23#6995533116df",
+    "model_id": "facegate-default@2026.11.23#00640158a069",
     "vector": [0.031, -0.104, 0.087],
 }
 

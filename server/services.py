@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -23,6 +24,7 @@ from facegate.core.bundle import Bundle, load_bundle
 from facegate.core.detect import create_detector
 from facegate.core.embed import Embedder, create_embedder
 from facegate.core.face import landmarks_for
+from facegate.core.seal import RESEAL_HINT, BundleSealError
 from facegate.gallery.pg_follow import GalleryUnavailable
 from facegate.gallery.protocol import GalleryStore, is_postgres_url, open_gallery
 from facegate.server.batching import MicroBatcher
@@ -31,6 +33,7 @@ from facegate.server.pipeline import FacePipeline, map_large_allocations
 from facegate.server.settings import Settings
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 class GalleryWorker:
@@ -112,10 +115,32 @@ def _detector_factory(settings: Settings, geometry: Geometry) -> Callable[[], An
     )
 
 
+def load_served_bundle(settings: Settings) -> Bundle:
+    """The bundle to serve, or ``BundleError``: files and seal checked (``load_bundle``), an
+    unsealed one only with ``allow_unsealed``, and with ``trusted_keys`` a signature by one."""
+    bundle = load_bundle(settings.bundle)
+    if settings.trusted_keys:
+        from facegate.core.signing import load_public_keys, verify_signature
+
+        signer = verify_signature(bundle.signature, bundle.digest,
+                                  load_public_keys(settings.trusted_keys), str(bundle.path))
+        log.info("bundle %s signed by trusted key %s", bundle.model_id, signer)
+    elif not bundle.sealed:
+        if not settings.allow_unsealed:
+            raise BundleSealError(
+                f"{bundle.path}: manifest.json has no seal, so an edit to its threshold or "
+                f"geometry would go unnoticed. {RESEAL_HINT} To serve it unchecked anyway, "
+                "set FACEGATE_ALLOW_UNSEALED=true."
+            )
+        log.warning("SERVING AN UNSEALED BUNDLE %s (FACEGATE_ALLOW_UNSEALED): its decision "
+                    "settings are not checked; seal it with `facegate bundle seal`", bundle.path)
+    return bundle
+
+
 async def start_services(settings: Settings, metrics: ServerMetrics) -> Services:
-    """Load everything once; raises BundleError for a missing or tampered bundle."""
+    """Load everything once; raises BundleError for a missing, tampered or untrusted bundle."""
     loop = asyncio.get_running_loop()
-    bundle = await loop.run_in_executor(None, load_bundle, settings.bundle)
+    bundle = await loop.run_in_executor(None, load_served_bundle, settings)
     embedder = await loop.run_in_executor(
         None, lambda: create_embedder(bundle, runtime=settings.runtime, flip=settings.flip)
     )

@@ -19,6 +19,14 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="FACEGATE_", extra="ignore")
 
     bundle: Path = Field(Path("models/default"), description="model bundle folder")
+    allow_unsealed: bool = Field(
+        False, description="serve a bundle whose manifest has no seal (written before seals "
+        "existed), with a warning; its decision settings are then unchecked (docs/export.md)",
+    )
+    trusted_keys: Annotated[list[Path], NoDecode] = Field(
+        default_factory=list, description="comma-separated Ed25519 public key PEM files; when "
+        "set, only bundles signed by one of them are served (`facegate bundle sign`)",
+    )
     gallery: Path | str = Field(
         Path("var/gallery.sqlite"), description="gallery: a SQLite file (one process), or a "
         "postgresql://user:password@host:port/db URL shared by replicas (docs/deploy.md)",
@@ -145,9 +153,9 @@ class Settings(BaseSettings):
             return Path(value)
         return value
 
-    @field_validator("cors_origins", mode="before")
+    @field_validator("cors_origins", "trusted_keys", mode="before")
     @classmethod
-    def _split_origins(cls, value: object) -> object:
+    def _split_commas(cls, value: object) -> object:
         if isinstance(value, str):
             return [origin.strip() for origin in value.split(",") if origin.strip()]
         return value

@@ -63,7 +63,7 @@ def test_round_trip(tmp_path):
     assert loaded.onnx_path == (tmp_path / "bundle" / "embedder.onnx").resolve()
     digest = sha256_file(tmp_path / "model.onnx")
     assert loaded.manifest["files"]["embedder.onnx"] == {"sha256": digest, "role": "embedder"}
-    assert loaded.model_id == f"tiny@1.0#{digest[:12]}"
+    assert loaded.sealed and loaded.model_id == f"tiny@1.0#{loaded.manifest['seal']['digest'][:12]}"
     assert loaded.manifest["evaluation"] == {"lfw_accuracy": 0.5}
     assert loaded.input_spec["size"] == [112, 112] and loaded.output_name == "embedding"
     assert loaded.engines == []
@@ -180,11 +180,13 @@ def test_wrong_embedding_size_is_refused(tmp_path):
     with pytest.raises(BundleError, match="has 16 dimensions but the manifest says embedding_size 512"):
         make_bundle(tmp_path, embedding_size=512)
     assert not (tmp_path / "bundle" / MANIFEST_NAME).exists()
-    # Loading: a manifest edited to disagree with the graph.
+    # Loading: an (unsealed: the seal would refuse it first) manifest edited to disagree
+    # with the graph.
     make_bundle(tmp_path)
     manifest_path = tmp_path / "bundle" / MANIFEST_NAME
     manifest = json.loads(manifest_path.read_text())
     manifest["embedding_size"] = 128
+    del manifest["seal"]
     manifest_path.write_text(json.dumps(manifest))
     with pytest.raises(BundleError, match="embedding_size 128"):
         load_bundle(tmp_path / "bundle")
@@ -205,10 +207,11 @@ def test_geometry_defaults_to_arcface_and_old_manifests_stay_valid(tmp_path):
     bundle = make_bundle(tmp_path)
     assert bundle.geometry == ARCFACE_112
     assert bundle.manifest["geometry"] == {"method": "arcface_template", "size": 112}
-    # A manifest written before the geometry section existed loads as the ArcFace template.
+    # A manifest written before the geometry section (and the seal) existed loads as the
+    # ArcFace template.
     manifest_path = tmp_path / "bundle" / MANIFEST_NAME
     manifest = json.loads(manifest_path.read_text())
-    del manifest["geometry"]
+    del manifest["geometry"], manifest["seal"]
     manifest_path.write_text(json.dumps(manifest))
     assert load_bundle(tmp_path / "bundle").geometry == ARCFACE_112
 
