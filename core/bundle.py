@@ -22,6 +22,7 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -92,9 +93,10 @@ class Bundle:
     def onnx_sha256(self) -> str:
         return self.manifest["files"][self.onnx_path.name]["sha256"]
 
-    @property
+    @cached_property
     def digest(self) -> str:
-        """The seal digest of the decision settings as loaded (``core.seal``)."""
+        """The seal digest of the decision settings as loaded (``core.seal``); computed once
+        (model_id is read per request), the manifest of a Bundle is not edited in place."""
         return seal_digest(self.manifest)
 
     @property
