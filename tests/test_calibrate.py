@@ -142,6 +142,8 @@ def test_cli_writes_a_new_bundle_and_leaves_the_original(embedded, crops, tmp_pa
         assert bundle.manifest[key] == original[key]
     assert bundle.manifest["calibration"]["previous_threshold"] == original["threshold"]
     assert f"learned t = {bundle.threshold:.6f}" in capsys.readouterr().out
+    # Re-sealed with the new threshold: another model id (galleries re-embed), same network.
+    assert bundle.sealed and bundle.model_id != load_bundle(source).model_id
 
 
 def test_cli_in_place_keeps_other_files_and_fields(embedded, tmp_path) -> None:

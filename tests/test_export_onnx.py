@@ -133,6 +133,7 @@ def test_manifest_threshold_training_and_sha256(bundle, checkpoint):
     assert manifest["export"]["opset"] >= 17
     assert manifest["export"]["simplification"]["applied"] in (True, False)
     assert load_bundle(bundle.path).model_id == bundle.model_id
+    assert bundle.manifest["seal"]["digest"] == bundle.digest  # export seals what it writes
 
 
 def test_auto_runtime_is_ort_cpu_and_matches_pytorch(bundle, checkpoint, crops):
