@@ -73,10 +73,13 @@ def _sha256(data: bytes) -> str:
 
 
 def _field_digests(manifest: dict[str, Any]) -> dict[str, str | None]:
-    return {
-        name: _sha256(canonical_json(manifest[name])) if name in manifest else None
-        for name in SEALED_FIELDS
-    }
+    digests: dict[str, str | None] = {}
+    for name in SEALED_FIELDS:
+        try:
+            digests[name] = _sha256(canonical_json(manifest[name])) if name in manifest else None
+        except ValueError as exc:  # NaN or infinity: JSON reads them, no canonical form has them
+            raise BundleSealError(f"manifest: '{name}' holds a non-finite number ({exc})") from exc
+    return digests
 
 
 def _digest_of(version: int, fields: dict[str, str | None]) -> str:

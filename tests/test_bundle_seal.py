@@ -109,6 +109,15 @@ def test_other_fields_and_formatting_keep_the_seal_and_the_model_id(tmp_path):
     assert canonical_json({"b": 1, "a": [1.5, "é"]}) == '{"a":[1.5,"é"],"b":1}'.encode()
 
 
+def test_a_non_finite_decision_setting_is_refused(tmp_path):
+    make_bundle(tmp_path)
+    (tmp_path / "bundle" / "e.plan").write_bytes(b"engine bytes")
+    edit_manifest(tmp_path / "bundle", lambda m: m.pop("seal"))  # unsealed: the writer seals
+    edit_manifest(tmp_path / "bundle", lambda m: m["files"]["embedder.onnx"].update(scale=float("nan")))
+    with pytest.raises(BundleSealError, match="'files' holds a non-finite number"):
+        add_file(tmp_path / "bundle", "e.plan")
+
+
 def test_an_edited_seal_is_refused(tmp_path):
     make_bundle(tmp_path)
     edit_manifest(tmp_path / "bundle", lambda m: m["seal"].update(digest="0" * 64))
