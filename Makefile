@@ -8,7 +8,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8000
 PART   ?= all
 
-.PHONY: run test lint setup setup-server system-deps bench default-model clean
+.PHONY: run test lint setup setup-server system-deps bench default-model clean image image-gpu image-base
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,17 @@ bench: $(STAMP)
 
 default-model: $(STAMP)
 	bash train/default_model.sh
+
+# Container images with podman or docker (docs/deploy.md): from python:3.11-slim by default;
+# BASE=local makes a Debian base with mmdebstrap where no registry is reachable.
+image:
+	bash scripts/image.sh cpu
+
+image-gpu:
+	bash scripts/image.sh gpu
+
+image-base:
+	bash scripts/container-base.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
