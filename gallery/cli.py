@@ -49,11 +49,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     reembed.add_argument(
         "--dry-run", action="store_true", help="report what would be re-embedded; change nothing"
     )
+    rotate = actions.add_parser(
+        "rotate-key", help="re-wrap every identity's key under the first key of "
+        "FACEGATE_MASTER_KEY_FILE (then delete the old key; the server may keep running)",
+    )
+    rotate.add_argument("--gallery", default=None, help="gallery SQLite file or postgresql:// URL")
+    actions.add_parser("new-key", help="print a fresh base64 master key (keep it off the gallery's disk)")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.action != "reembed":
+        from facegate.gallery.key_cli import run_key_action
+
+        return run_key_action(args)
     from facegate.core.bundle import load_bundle
     from facegate.core.errors import FacegateError
+    from facegate.gallery.crypto import gallery_sealer
     from facegate.gallery.protocol import is_postgres_url, open_gallery
     from facegate.server.settings import Settings
 
@@ -73,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
             model_id=bundle.model_id,
             embedding_size=bundle.embedding_size,
             geometry=bundle.geometry,
+            sealer=gallery_sealer(settings),
         )
     except (FacegateError, OSError, ValueError, RuntimeError) as e:
         print(f"{PROG}: {e}", file=sys.stderr)

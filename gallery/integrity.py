@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -96,8 +96,14 @@ Key = tuple[int, str, str]  # (row id, identity id, template id)
 class Quarantine:
     """The stored templates found unusable so far, by row id; safe from any thread."""
 
-    def __init__(self, embedding_size: int) -> None:
+    def __init__(
+        self, embedding_size: int,
+        opener: Callable[[Sequence[Key], Sequence[bytes]], list[bytes]] | None = None,
+    ) -> None:
+        """``opener``: stored blobs to vector bytes (the sealer's, gallery/crypto.py; b""
+        for one that fails to open, which is then quarantined like any unusable row)."""
         self.embedding_size = embedding_size
+        self._opener = opener
         self._lock = threading.Lock()
         self._rows: dict[int, QuarantinedTemplate] = {}
 
@@ -107,6 +113,8 @@ class Quarantine:
         """The keys and (n, D) float32 vectors of the usable rows; the others are recorded
         (and logged the first time). ``full``: these are all the rows (an index build), so
         the record is replaced rather than added to."""
+        if self._opener is not None:
+            blobs = self._opener(keys, blobs)
         vectors, problems = vector_problems(blobs, self.embedding_size)
         bad = [QuarantinedTemplate(k[0], k[1], k[2], p)
                for k, p in zip(keys, problems, strict=True) if p is not None]

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import psycopg
 from facegate.core.errors import FacegateError
 from facegate.gallery.pg_schema import CHANNEL
+from facegate.gallery.sealed_rows import load_keys
 
 if TYPE_CHECKING:
     from facegate.gallery.postgres import PostgresGallery
@@ -79,7 +80,9 @@ class Follower:
         with self._lock, g._connection() as conn, conn.transaction():
             conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
             (seq,) = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM changes").fetchone()
-            names = dict(conn.execute("SELECT identity_id, name FROM identities").fetchall())
+            load_keys(conn, "%s", g._sealer)  # each identity's key unwrapped once
+            names = {i: g._sealer.open_text(i, "name", n)
+                     for i, n in conn.execute("SELECT identity_id, name FROM identities")}
             rows = conn.execute(
                 "SELECT row_id, identity_id, template_id, embedding FROM templates"
                 " WHERE model_id = %s ORDER BY row_id",
@@ -165,9 +168,10 @@ class Follower:
                 continue
             rebuild = flush() or rebuild
             if op == "identity":
-                cache.set_name(identity_id, name)
+                cache.set_name(identity_id, self.gallery._sealer.open_text(identity_id, "name", name))
             elif op == "unidentity":
                 cache.drop_identity(identity_id)
+                self.gallery._sealer.forget(identity_id)
             elif op == "untemplate":
                 quarantine.forget([row_id])
                 rebuild = cache.remove([row_id]) or rebuild

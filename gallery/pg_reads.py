@@ -12,6 +12,7 @@ import numpy as np
 import psycopg
 from facegate.core.align import Geometry
 from facegate.core.errors import ModelMismatch, UnknownIdentity
+from facegate.gallery.crypto import PlainSealer, Sealer, open_identity_rows
 from facegate.gallery.integrity import Quarantine, QuarantinedTemplate
 from facegate.gallery.metadata import load_stored_metadata
 from facegate.gallery.records import (
@@ -38,6 +39,7 @@ class PostgresReads:
     _cache: IndexCache
     _follower: Follower
     _quarantine: Quarantine
+    _sealer: Sealer | PlainSealer
     _connection: Callable[[], AbstractContextManager[psycopg.Connection]]
 
     def get_identity(self, identity_id: str) -> Identity:
@@ -49,7 +51,7 @@ class PostgresReads:
             ).fetchone()
             if row is None:
                 raise UnknownIdentity(f"unknown identity {identity_id!r}")
-            return _identities(conn, [row])[0]
+            return _identities(conn, open_identity_rows(self._sealer, [row]))[0]
 
     def list_identities(self, *, offset: int = 0, limit: int = 50) -> tuple[list[Identity], int]:
         """A page of identities in enrolment order, and the total count (one snapshot)."""
@@ -61,7 +63,7 @@ class PostgresReads:
                 " ORDER BY created_at, identity_id LIMIT %s OFFSET %s",
                 (max(0, limit), min(max(0, offset), 2**62)),
             ).fetchall()
-            return _identities(conn, rows), total
+            return _identities(conn, open_identity_rows(self._sealer, rows)), total
 
     def search(self, query: np.ndarray, k: int = 5) -> list[Candidate]:
         """The `k` identities whose best template is most similar to `query`, best first.

@@ -30,6 +30,7 @@ from facegate.core.align import ARCFACE_112, Geometry, as_geometry
 from facegate.core.errors import DuplicateIdentity, UnknownIdentity, UnknownTemplate
 from facegate.gallery.audit import CALLER, DECISIONS_PER_CALLER, prepare_postgres
 from facegate.gallery.cache import IndexCache
+from facegate.gallery.crypto import PlainSealer, Sealer
 from facegate.gallery.integrity import Quarantine
 from facegate.gallery.metadata import STORE_MAX_BYTES, STORE_MAX_DEPTH, check_metadata
 from facegate.gallery.pg_follow import Follower, GalleryUnavailable, unavailable
@@ -46,6 +47,7 @@ from facegate.gallery.records import (
     geometry_key,
     per_row,
 )
+from facegate.gallery.sealed_rows import prepare_postgres as prepare_sealing
 from psycopg_pool import ConnectionPool
 
 __all__ = ["GalleryUnavailable", "PostgresGallery"]
@@ -66,6 +68,7 @@ class PostgresGallery(PostgresReads):
         geometry: Geometry | dict | None = None,
         gpu: bool | None = None,
         decisions_per_identity: int = 200,
+        sealer: Sealer | PlainSealer | None = None,
         pool_size: int = 8,
         pool_timeout_s: float = 5.0,
         poll_s: float = 2.0,
@@ -84,7 +87,9 @@ class PostgresGallery(PostgresReads):
         self._geometry_key = geometry_key(self.geometry)
         self.decisions_per_identity = decisions_per_identity
         self._cache = IndexCache(embedding_size, index, gpu=gpu)
-        self._quarantine = Quarantine(embedding_size)
+        self._sealer = sealer or PlainSealer()
+        self._sealer.loader = self._wrapped_key
+        self._quarantine = Quarantine(embedding_size, opener=self._sealer.open_vectors)
         self._pool = ConnectionPool(
             url,
             min_size=1,
@@ -100,6 +105,7 @@ class PostgresGallery(PostgresReads):
             with self._pool.connection() as conn:
                 migrate(conn)
                 prepare_postgres(conn)  # the audit trail and decisions.caller (gallery/audit.py)
+                prepare_sealing(conn, self._sealer)  # seals a gallery of before (sealed_rows.py)
         except BaseException:
             self._pool.close()
             raise
@@ -141,16 +147,20 @@ class PostgresGallery(PostgresReads):
         identity_id = identity_id or uuid.uuid4().hex
         created_at = time.time()
         rows = self._prepare_templates(identity_id, vectors, sources, scores, crops)
+        wrapped, key = self._sealer.new_key(identity_id)
         with self._write() as conn:
             inserted = conn.execute(
-                "INSERT INTO identities (identity_id, name, metadata, created_at)"
-                " VALUES (%s, %s, %s, %s) ON CONFLICT DO NOTHING",
-                (identity_id, name, metadata_text, created_at),
+                "INSERT INTO identities (identity_id, name, metadata, created_at, sealed_key)"
+                " VALUES (%s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
+                (identity_id, self._sealer.seal_text(identity_id, "name", name, key),
+                 self._sealer.seal_text(identity_id, "metadata", metadata_text, key),
+                 created_at, wrapped),
             ).rowcount
             if not inserted:
                 raise DuplicateIdentity(f"identity {identity_id!r} already exists")
             _change(conn, "identity", identity_id)
-            templates = self._insert_templates(conn, rows)
+            templates = self._insert_templates(conn, rows, key)
+            self._sealer.adopt(identity_id, key)  # before the commit: the follower opens it
         return Identity(identity_id, name, dict(metadata or {}), created_at, tuple(templates))
 
     def add_templates(
@@ -177,6 +187,7 @@ class PostgresGallery(PostgresReads):
                 _change(conn, "untemplate", identity_id, row_id)
             conn.execute("DELETE FROM identities WHERE identity_id = %s", (identity_id,))
             _change(conn, "unidentity", identity_id)
+        self._sealer.forget(identity_id)
 
     def delete_template(self, identity_id: str, template_id: str) -> None:
         with self._write() as conn:
@@ -228,23 +239,25 @@ class PostgresGallery(PostgresReads):
         replicas still on the old model, into those on this one)."""
         with self._connection() as conn:
             rows = conn.execute(
-                "SELECT row_id, identity_id, crop FROM templates WHERE model_id <> %s"
+                "SELECT row_id, identity_id, crop, template_id FROM templates WHERE model_id <> %s"
                 " AND crop IS NOT NULL AND crop_geometry = %s ORDER BY row_id",
                 (self.model_id, self._geometry_key),
             ).fetchall()
         for start in range(0, len(rows), REEMBED_BATCH):
             batch = rows[start : start + REEMBED_BATCH]
             vectors = check_embeddings(
-                embed_fn(np.stack([decode_png(crop) for _, _, crop in batch])), self.embedding_size
+                embed_fn(np.stack([decode_png(self._sealer.open(i, f"crop:{t}", crop))
+                                   for _, i, crop, t in batch])), self.embedding_size
             )
             if len(vectors) != len(batch):
                 raise ValueError(f"embed_fn gave {len(vectors)} rows for {len(batch)}")
             with self._write() as conn:
-                for (row_id, identity_id, _), vector in zip(batch, vectors, strict=True):
+                for (row_id, identity_id, _, t), vector in zip(batch, vectors, strict=True):
                     conn.execute(
                         "UPDATE templates SET embedding = %s, dim = %s, model_id = %s"
                         " WHERE row_id = %s",
-                        (vector.tobytes(), len(vector), self.model_id, row_id),
+                        (self._sealer.seal(identity_id, f"embedding:{t}", vector.tobytes()),
+                         len(vector), self.model_id, row_id),
                     )
                     _change(conn, "untemplate", identity_id, row_id)
                     _change(conn, "template", identity_id, row_id)
@@ -312,22 +325,36 @@ class PostgresGallery(PostgresReads):
             out.append((template, vector, png))
         return out
 
-    def _insert_templates(self, conn: psycopg.Connection, rows: list[tuple]) -> list[Template]:
+    def _insert_templates(
+        self, conn: psycopg.Connection, rows: list[tuple], key: object = None
+    ) -> list[Template]:
+        """Insert prepared rows, sealed with the identity's key (``key`` for a new one)."""
         out = []
         for template, vector, png in rows:
+            sealed_vector, sealed_png = (
+                self._sealer.seal(template.identity_id, f"{what}:{template.template_id}", data, key)
+                for what, data in (("embedding", vector.tobytes()), ("crop", png))
+            )
             (row_id,) = conn.execute(
                 "INSERT INTO templates (template_id, identity_id, model_id, dim, embedding,"
                 " created_at, source, score, crop, crop_geometry)"
                 " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING row_id",
                 (
                     template.template_id, template.identity_id, self.model_id, len(vector),
-                    vector.tobytes(), template.created_at, template.source, template.score,
-                    png, None if png is None else self._geometry_key,
+                    sealed_vector, template.created_at, template.source, template.score,
+                    sealed_png, None if png is None else self._geometry_key,
                 ),
             ).fetchone()
             _change(conn, "template", template.identity_id, row_id)
             out.append(template)
         return out
+
+    def _wrapped_key(self, identity_id: str) -> bytes | None:
+        with self._connection() as conn:
+            row = conn.execute(
+                "SELECT sealed_key FROM identities WHERE identity_id = %s", (identity_id,)
+            ).fetchone()
+        return None if row is None or row[0] is None else bytes(row[0])
 
     def _require_identity(self, conn: psycopg.Connection, identity_id: str) -> None:
         if (

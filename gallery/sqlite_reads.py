@@ -9,6 +9,7 @@ from collections.abc import Callable
 import numpy as np
 from facegate.core.errors import ModelMismatch, UnknownIdentity
 from facegate.gallery.cache import IndexCache
+from facegate.gallery.crypto import PlainSealer, Sealer, open_identity_rows
 from facegate.gallery.index import TemplateIndex
 from facegate.gallery.integrity import Quarantine, QuarantinedTemplate
 from facegate.gallery.metadata import load_stored_metadata
@@ -24,6 +25,7 @@ class SqliteReads:
     _cache: IndexCache
     _index: TemplateIndex
     _quarantine: Quarantine
+    _sealer: Sealer | PlainSealer
     _stale_templates: int
     _stale_identities: int
     _reader: Callable[[], sqlite3.Connection]
@@ -137,5 +139,5 @@ class SqliteReads:
                 )
         return [
             Identity(i, name, load_stored_metadata(meta), created_at, tuple(templates[i]))
-            for i, name, meta, created_at in rows
+            for i, name, meta, created_at in open_identity_rows(self._sealer, rows)
         ]

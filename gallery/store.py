@@ -30,6 +30,7 @@ from facegate.core.align import ARCFACE_112, Geometry, as_geometry
 from facegate.core.errors import DuplicateIdentity, UnknownIdentity, UnknownTemplate
 from facegate.gallery.audit import CALLER, DECISIONS_PER_CALLER, prepare_sqlite
 from facegate.gallery.cache import IndexCache
+from facegate.gallery.crypto import PlainSealer, Sealer
 from facegate.gallery.integrity import Quarantine, integrity_error
 from facegate.gallery.metadata import STORE_MAX_BYTES, STORE_MAX_DEPTH, check_metadata
 from facegate.gallery.records import (
@@ -45,6 +46,8 @@ from facegate.gallery.records import (
     mismatch_message,
     per_row,
 )
+from facegate.gallery.sealed_rows import load_keys
+from facegate.gallery.sealed_rows import prepare_sqlite as prepare_sealing
 from facegate.gallery.sqlite_reads import SqliteReads
 from facegate.gallery.sqlite_schema import SCHEMA, SCHEMA_VERSION, migrate
 from tqdm import tqdm
@@ -66,10 +69,12 @@ class Gallery(SqliteReads):
         geometry: Geometry | dict | None = None,
         gpu: bool | None = None,
         decisions_per_identity: int = 200,
+        sealer: Sealer | PlainSealer | None = None,
     ) -> None:
         """``geometry``: the model's crop geometry (``Bundle.geometry``; default ArcFace
         112x112, as for a bundle without one): kept crops must be in it, and
-        :meth:`reembed` re-embeds only kept crops made in it."""
+        :meth:`reembed` re-embeds only kept crops made in it. ``sealer``: seals names,
+        metadata, vectors and crops at rest (gallery/crypto.py; plaintext without one)."""
         self.path = Path(path)
         self.model_id = model_id
         self.embedding_size = embedding_size
@@ -82,6 +87,8 @@ class Gallery(SqliteReads):
         self._connections: list[sqlite3.Connection] = []
         self._connections_lock = threading.Lock()
         self._closed = False
+        self._sealer = sealer or PlainSealer()
+        self._sealer.loader = self._wrapped_key
         self._writer = self._connect()
         self._writer.executescript(SCHEMA)
         with self._transaction() as db:
@@ -91,12 +98,13 @@ class Gallery(SqliteReads):
             )
             migrate(db, self.path)
             prepare_sqlite(db)  # the audit trail and decisions.caller (gallery/audit.py)
+            prepare_sealing(db, self._sealer)  # seals a gallery of before (gallery/sealed_rows.py)
             db.execute(
                 "INSERT OR REPLACE INTO meta(key, value) VALUES ('model_id', ?)", (model_id,)
             )
         self._cache = IndexCache(embedding_size, index, gpu=gpu)
         self._index = self._cache.index
-        self._quarantine = Quarantine(embedding_size)
+        self._quarantine = Quarantine(embedding_size, opener=self._sealer.open_vectors)
         self._stale_templates = 0
         self._stale_identities = 0
         self._stale_reembeddable = 0
@@ -132,17 +140,23 @@ class Gallery(SqliteReads):
         created_at = time.time()
         with self._write_lock:
             with self._transaction() as db:
+                wrapped, key = self._sealer.new_key(identity_id)
                 try:
                     db.execute(
-                        "INSERT INTO identities(identity_id, name, metadata, created_at)"
-                        " VALUES (?, ?, ?, ?)",
-                        (identity_id, name, metadata_text, created_at),
+                        "INSERT INTO identities(identity_id, name, metadata, created_at,"
+                        " sealed_key) VALUES (?, ?, ?, ?, ?)",
+                        (identity_id, self._sealer.seal_text(identity_id, "name", name, key),
+                         self._sealer.seal_text(identity_id, "metadata", metadata_text, key),
+                         created_at, wrapped),
                     )
                 except sqlite3.IntegrityError as e:
                     if "UNIQUE" not in str(e):
                         raise integrity_error(e) from e
                     raise DuplicateIdentity(f"identity {identity_id!r} already exists") from None
-                rows = self._insert_templates(db, identity_id, vectors, sources, scores, crops)
+                rows = self._insert_templates(
+                    db, identity_id, vectors, sources, scores, crops, key=key
+                )
+            self._sealer.adopt(identity_id, key)
             self._cache.set_name(identity_id, name)
             self._index_rows(rows, vectors)
         return Identity(
@@ -178,6 +192,8 @@ class Gallery(SqliteReads):
                 ]
                 db.execute("DELETE FROM identities WHERE identity_id = ?", (identity_id,))
                 self._count_stale(db)
+            self._sealer.forget(identity_id)
+            self._shred()
             self._cache.drop_identity(identity_id)
             self._unindex_rows(row_ids)
             self._quarantine.forget(row_ids)
@@ -196,6 +212,7 @@ class Gallery(SqliteReads):
                     )
                 db.execute("DELETE FROM templates WHERE row_id = ?", row)
                 self._count_stale(db)
+            self._shred()
             self._unindex_rows([row[0]])
             self._quarantine.forget([row[0]])
 
@@ -243,8 +260,8 @@ class Gallery(SqliteReads):
         """
         with self._write_lock:
             rows = self._writer.execute(
-                "SELECT row_id, crop FROM templates WHERE model_id != ? AND crop IS NOT NULL"
-                " AND crop_geometry = ? ORDER BY row_id",
+                "SELECT row_id, identity_id, template_id, crop FROM templates WHERE model_id != ?"
+                " AND crop IS NOT NULL AND crop_geometry = ? ORDER BY row_id",
                 (self.model_id, self._geometry_key),
             ).fetchall()
             try:
@@ -256,7 +273,10 @@ class Gallery(SqliteReads):
                 ):
                     batch = rows[start : start + REEMBED_BATCH]
                     vectors = self._check_embeddings(
-                        embed_fn(np.stack([decode_png(blob) for _, blob in batch]))
+                        embed_fn(np.stack([
+                            decode_png(self._sealer.open(i, f"crop:{t}", blob))
+                            for _, i, t, blob in batch
+                        ]))
                     )
                     if len(vectors) != len(batch):
                         raise ValueError(f"embed_fn gave {len(vectors)} rows for {len(batch)}")
@@ -265,8 +285,9 @@ class Gallery(SqliteReads):
                             "UPDATE templates SET embedding = ?, dim = ?, model_id = ?"
                             " WHERE row_id = ?",
                             [
-                                (v.tobytes(), len(v), self.model_id, r)
-                                for (r, _), v in zip(batch, vectors, strict=True)
+                                (self._sealer.seal(i, f"embedding:{t}", v.tobytes()), len(v),
+                                 self.model_id, r)
+                                for (r, i, t, _), v in zip(batch, vectors, strict=True)
                             ],
                         )
             finally:
@@ -305,6 +326,7 @@ class Gallery(SqliteReads):
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=FULL")
             db.execute("PRAGMA foreign_keys=ON")
+            db.execute("PRAGMA secure_delete=ON")  # deleted rows are zeroed, not left in pages
             self._connections.append(db)
             return db
 
@@ -338,8 +360,10 @@ class Gallery(SqliteReads):
         sources: Sequence[str | None] | None,
         scores: Sequence[float | None] | None,
         crops: np.ndarray | Sequence[np.ndarray] | None,
+        key: object = None,
     ) -> list[tuple[int, Template]]:
-        """Insert one template per row of `vectors`; returns (row id, Template) pairs."""
+        """Insert one template per row of `vectors` (sealed with the identity's key, or
+        ``key`` for a new identity); returns (row id, Template) pairs."""
         n = len(vectors)
         sources = per_row(sources, n, "sources")
         scores = per_row(scores, n, "scores")
@@ -363,11 +387,12 @@ class Gallery(SqliteReads):
                     identity_id,
                     self.model_id,
                     len(vector),
-                    vector.tobytes(),
+                    self._sealer.seal(identity_id, f"embedding:{template.template_id}",
+                                      vector.tobytes(), key),
                     template.created_at,
                     source,
                     template.score,
-                    crop,
+                    self._sealer.seal(identity_id, f"crop:{template.template_id}", crop, key),
                     None if crop is None else self._geometry_key,
                 ),
             )
@@ -393,8 +418,20 @@ class Gallery(SqliteReads):
         self._count_stale(db)
         self._rebuild_index()
 
+    def _shred(self) -> None:
+        """After a delete: copy the WAL into the file (whose freed pages secure_delete has
+        zeroed) and truncate it, so no deleted row survives in the -wal while we run."""
+        self._writer.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+    def _wrapped_key(self, identity_id: str) -> bytes | None:
+        row = self._reader().execute(
+            "SELECT sealed_key FROM identities WHERE identity_id = ?", (identity_id,)
+        ).fetchone()
+        return None if row is None else row[0]
+
     def _rebuild_index(self) -> None:
         db = self._writer
+        load_keys(db, "?", self._sealer)
         rows = db.execute(
             "SELECT row_id, identity_id, template_id, embedding FROM templates"
             " WHERE model_id = ? ORDER BY row_id",
@@ -403,7 +440,9 @@ class Gallery(SqliteReads):
         keys, vectors = self._quarantine.screen(
             [(r, i, t) for r, i, t, _ in rows], [b for *_, b in rows], full=True
         )
-        self._cache.build(dict(db.execute("SELECT identity_id, name FROM identities")), keys, vectors)
+        names = {i: self._sealer.open_text(i, "name", n)
+                 for i, n in db.execute("SELECT identity_id, name FROM identities")}
+        self._cache.build(names, keys, vectors)
 
     def _count_stale(self, db: sqlite3.Connection) -> None:
         self._stale_templates, self._stale_identities, self._stale_reembeddable = db.execute(

@@ -25,6 +25,7 @@ from facegate.core.detect import create_detector
 from facegate.core.embed import Embedder, create_embedder
 from facegate.core.face import landmarks_for
 from facegate.core.seal import RESEAL_HINT, BundleSealError
+from facegate.gallery.crypto import gallery_sealer
 from facegate.gallery.pg_follow import GalleryUnavailable
 from facegate.gallery.protocol import GalleryStore, is_postgres_url, open_gallery
 from facegate.server.batching import MicroBatcher
@@ -178,6 +179,7 @@ async def start_services(settings: Settings, metrics: ServerMetrics) -> Services
             keep_crops=settings.keep_crops,
             geometry=bundle.geometry,
             pool_size=settings.gallery_pool_size,
+            sealer=gallery_sealer(settings),
         ),
         workers=max(1, settings.gallery_pool_size - 1),
     )

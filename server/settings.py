@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -43,6 +43,13 @@ class Settings(BaseSettings):
         default_factory=lambda: ["verify"], description="comma-separated scopes of "
         "FACEGATE_API_KEY (verify, enrol, admin, metrics); verify only by default, so one "
         "shared key cannot enrol or delete (docs/server.md, keys and scopes)",
+    )
+    master_key: SecretStr | None = Field(
+        None, description="base64 AES-256 key sealing the gallery at rest (prefer master_key_file)"
+    )
+    master_key_file: Path | None = Field(
+        None, description="file of base64 AES-256 keys, one a line: the first seals, the others "
+        "only open (rotation: `facegate gallery rotate-key`); never beside the gallery",
     )
     keys_file: Path | None = Field(
         None, description="named keys with scopes, stored hashed (`facegate keys create`)"

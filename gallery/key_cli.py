@@ -1,0 +1,53 @@
+"""``facegate gallery rotate-key`` and ``facegate gallery new-key`` (see gallery/crypto.py).
+
+Rotation: put a new key on the first line of ``FACEGATE_MASTER_KEY_FILE``, keep the old
+one below it, run ``rotate-key`` (every identity's data key is re-wrapped under the new
+key in one transaction; the sealed data is not rewritten), then delete the old line and
+every copy of the old key. From then on, whatever a deleted identity left behind (a
+SQLite WAL frame, a PostgreSQL dead tuple or WAL segment, a backup) is sealed under a
+key that no longer exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+
+
+def run_key_action(args: argparse.Namespace) -> int:
+    from facegate.gallery.crypto import SealError, gallery_sealer, new_master_key
+    from facegate.gallery.protocol import is_postgres_url
+    from facegate.gallery.sealed_rows import rotate
+    from facegate.server.settings import Settings
+
+    if args.action == "new-key":
+        print(new_master_key())
+        return 0
+    settings = Settings() if args.gallery is None else Settings(gallery=args.gallery)
+    shown = re.sub(r"//[^/@]*@", "//", str(settings.gallery))
+    try:
+        sealer = gallery_sealer(settings)
+        if is_postgres_url(settings.gallery):
+            import psycopg
+
+            with psycopg.connect(str(settings.gallery), autocommit=True) as conn, conn.transaction():
+                done, current = rotate(conn, "%s", sealer)
+        else:
+            import sqlite3
+
+            db = sqlite3.connect(settings.gallery, timeout=30.0, isolation_level=None)
+            try:
+                db.execute("PRAGMA secure_delete=ON")
+                db.execute("BEGIN IMMEDIATE")
+                done, current = rotate(db, "?", sealer)
+                db.execute("COMMIT")
+                db.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # no old wrapping left in the -wal
+            finally:
+                db.close()
+    except (SealError, OSError, ValueError) as e:
+        print(f"facegate gallery rotate-key: {e}", file=sys.stderr)
+        return 1
+    print(f"gallery {shown}: re-wrapped {done} identity keys under the first master key "
+          f"({current} already were); now remove the old key from the key file")
+    return 0
