@@ -206,13 +206,17 @@ class DlibDetector:
     def detect(self, image: np.ndarray) -> list[Face]:
         image = _check_image(image)
         small, scale = _downscale(image, self.max_side)
-        boxes = self._find_boxes(small)
+        found = self._find_boxes(small)
+        boxes = [((x1 / scale, y1 / scale, x2 / scale, y2 / scale), s) for (x1, y1, x2, y2), s in found]
+        return self.fit_landmarks(image, boxes)
+
+    def fit_landmarks(self, image: np.ndarray, boxes: list[tuple[Box, float]]) -> list[Face]:
+        """A Face per (box, score) in ``image``'s pixels: the shape predictor inside each box."""
         predictor = _DlibModels.predictor(self.landmarks)
         import dlib
 
         faces = []
-        for (x1, y1, x2, y2), score in boxes:
-            box = (x1 / scale, y1 / scale, x2 / scale, y2 / scale)
+        for box, score in boxes:
             rect = dlib.rectangle(*(int(round(v)) for v in box))
             shape = predictor(image, rect)
             pts = np.array([(p.x, p.y) for p in shape.parts()], dtype=np.float32)
@@ -226,16 +230,16 @@ class DlibDetector:
 
     def _find_boxes(self, image: np.ndarray) -> list[tuple[Box, float]]:
         if self.boxes == "hog":
-            return self._hog_boxes(image, self.upsample)
+            return self.hog_boxes(image, self.upsample)
         if self.boxes == "hog+mmod":
             for upsample in range(self.upsample + 1):
-                found = self._hog_boxes(image, upsample)
+                found = self.hog_boxes(image, upsample)
                 if found:
                     return found
-        return self._mmod_boxes(image, mmod_upsample(image.shape, self.upsample))
+        return self.mmod_boxes(image, mmod_upsample(image.shape, self.upsample))
 
     @staticmethod
-    def _hog_boxes(image: np.ndarray, upsample: int) -> list[tuple[Box, float]]:
+    def hog_boxes(image: np.ndarray, upsample: int) -> list[tuple[Box, float]]:
         rects, scores, _ = _DlibModels.hog().run(image, upsample, 0.0)
         return [
             ((float(r.left()), float(r.top()), float(r.right()), float(r.bottom())), float(s))
@@ -243,7 +247,7 @@ class DlibDetector:
         ]
 
     @staticmethod
-    def _mmod_boxes(image: np.ndarray, upsample: int) -> list[tuple[Box, float]]:
+    def mmod_boxes(image: np.ndarray, upsample: int) -> list[tuple[Box, float]]:
         return [((x1, y1, x2, y2), score) for x1, y1, x2, y2, score in _DlibModels.mmod().detect(image, upsample)]
 
 

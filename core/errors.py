@@ -34,6 +34,21 @@ class UnsupportedImage(FacegateError):
     status = 415
 
 
+class ImageDegenerate(FacegateError):
+    """Geometry no face can be found in (a side too short, a strip), refused from the header."""
+
+    code = "image_degenerate"
+    status = 422
+
+
+class WorkBudgetExceeded(FacegateError):
+    """A photo's detection could not finish within the per-photo budget (the machine is
+    too busy, or the photo too large for the budget): retry later or send a smaller photo."""
+
+    code = "work_budget_exceeded"
+    status = 503
+
+
 class NoFaceError(FacegateError):
     code = "no_face"
     status = 422

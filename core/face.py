@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,8 @@ from facegate.core.detect import (
 from facegate.core.dlib_chip import dlib_chip_from_arcface, face_chip
 from facegate.core.errors import NoFaceError
 from facegate.core.image import decode_scaled
+from facegate.core.photo import Photo
+from facegate.core.plan import Located, locate_faces
 
 __all__ = [
     "DEFAULT_MAX_BYTES",
@@ -49,6 +51,9 @@ __all__ = [
 
 DEFAULT_MAX_BYTES = 10_000_000
 DEFAULT_MAX_PIXELS = 40_000_000
+# Seconds a photo's decode and detection may take before optional finer steps are
+# skipped (core.plan); the server's FACEGATE_DETECT_BUDGET_S.
+DEFAULT_DETECT_BUDGET_S = 2.5
 # Written by `facegate prepare` into its crops folder: the geometry the crops were made with.
 GEOMETRY_FILE = "geometry.json"
 
@@ -115,22 +120,26 @@ def prepare_face(
     max_detect_pixels: int | None = None,
     decode_slot: AbstractContextManager[Any] | None = None,
     keep_image: bool = False,
+    detect_budget_s: float = DEFAULT_DETECT_BUDGET_S,
 ) -> PreparedFace:
     """Decode ``data``, detect, select one face by ``policy`` and crop it by ``geometry``.
 
-    A photo over ``max_detect_pixels`` (None: no limit) is decoded at reduced scale and
-    detected and cropped there (the crop is far smaller than either image), holding
-    ``decode_slot`` while it decodes (:func:`facegate.core.image.decode_scaled`); the
-    face comes back in the photo's own pixels all the same. Raises the ``FacegateError``
-    of the failing step (undecodable or too large image, no face, several faces under
-    ``strict``). The crop is ``(size, size, 3)`` uint8 RGB.
+    A photo larger than the dlib detector's working size (``max_side``) is searched
+    coarse to fine by face size (``core.plan``, within ``detect_budget_s``) on reduced
+    decodes, and each face cropped from the photo's own pixels around it; smaller
+    photos, other detectors and ``keep_image`` take the whole-image path: one decode
+    (reduced when over ``max_detect_pixels``, holding ``decode_slot`` meanwhile:
+    :func:`facegate.core.image.decode_scaled`), one ``detector.detect``. Either way the
+    face comes back in the photo's own pixels. Raises the ``FacegateError`` of the
+    failing step (undecodable, too large or degenerate image, no face, several faces
+    under ``strict``, budget exceeded). The crop is ``(size, size, 3)`` uint8 RGB.
     """
-    image, scale, faces, t_decode, t_detect = _decode_and_detect(
-        data, detector, geometry, max_bytes, max_pixels, max_detect_pixels, decode_slot
-    )
-    face = select_face(faces, policy=policy)  # type: ignore[arg-type]  # checked inside
-    return _crop(image, scale, face, len(faces), geometry, t_decode, t_detect,
-                 image if keep_image else None)
+    found = _locate(data, detector, geometry, max_bytes, max_pixels, max_detect_pixels,
+                    decode_slot, detect_budget_s, keep_image)
+    face = select_face([f.face for f in found.faces], policy=policy)  # type: ignore[arg-type]
+    chosen = next(f for f in found.faces if f.face is face)
+    return _crop(found, chosen, geometry, found.decode_s, found.detect_s,
+                 found.image if keep_image else None)
 
 
 def prepare_faces(
@@ -143,6 +152,7 @@ def prepare_faces(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     max_detect_pixels: int | None = None,
     decode_slot: AbstractContextManager[Any] | None = None,
+    detect_budget_s: float = DEFAULT_DETECT_BUDGET_S,
 ) -> list[PreparedFace]:
     """Every face of the photo, largest first, at most ``max_faces`` of them (a crowd
     photo must not cost a crop and an embedding per face), each cropped by ``geometry``.
@@ -153,40 +163,48 @@ def prepare_faces(
     """
     if max_faces < 1:
         raise ValueError(f"max_faces must be >= 1, got {max_faces}")
-    image, scale, faces, t_decode, t_detect = _decode_and_detect(
-        data, detector, geometry, max_bytes, max_pixels, max_detect_pixels, decode_slot
-    )
-    if not faces:
+    found = _locate(data, detector, geometry, max_bytes, max_pixels, max_detect_pixels,
+                    decode_slot, detect_budget_s, False)
+    if not found.faces:
         raise NoFaceError("no face found in the image")
-    largest = sorted(faces, key=Face.area, reverse=True)[:max_faces]
+    largest = sorted(found.faces, key=lambda f: f.face.area(), reverse=True)[:max_faces]
     return [
-        _crop(image, scale, face, len(faces), geometry,
-              t_decode if rank == 0 else 0.0, t_detect if rank == 0 else 0.0)
-        for rank, face in enumerate(largest)
+        _crop(found, located, geometry,
+              found.decode_s if rank == 0 else 0.0, found.detect_s if rank == 0 else 0.0)
+        for rank, located in enumerate(largest)
     ]
 
 
+@dataclass(frozen=True)
+class _Found:
+    """Every face of one photo, what it cost, and (whole-image path) the decoded image."""
+
+    faces: list[Located]
+    decode_s: float
+    detect_s: float
+    image: np.ndarray | None = None
+    scale: float = 1.0
+
+
 def _crop(
-    image: np.ndarray,
-    scale: float,
-    face: Face,
-    faces_in_image: int,
+    found: _Found,
+    located: Located,
     geometry: Geometry,
     decode_s: float,
     detect_s: float,
     kept_image: np.ndarray | None = None,
 ) -> PreparedFace:
-    """``face``'s crop, timed, with the face mapped back to the photo's own pixels."""
+    """``located``'s crop from its own pixels, timed; the face in the photo's own pixels."""
     t0 = time.perf_counter()
-    crop = align_face(image, face, geometry)
+    crop = align_face(located.pixels, located.local, geometry)
     return PreparedFace(
-        face=face if scale == 1.0 else _scaled(face, 1.0 / scale),
-        faces_in_image=faces_in_image,
+        face=located.face,
+        faces_in_image=len(found.faces),
         crop=crop,
         timings={"decode": decode_s, "detect": detect_s, "align": time.perf_counter() - t0},
         geometry=geometry,
         image=kept_image,
-        scale=scale,
+        scale=found.scale,
     )
 
 
@@ -208,7 +226,7 @@ def align_face(image: np.ndarray, face: Face, geometry: Geometry) -> np.ndarray:
     raise ValueError(f"unknown geometry method {geometry.method!r}")
 
 
-def _decode_and_detect(
+def _locate(
     data: bytes,
     detector: Detector,
     geometry: Geometry,
@@ -216,21 +234,31 @@ def _decode_and_detect(
     max_pixels: int,
     max_detect_pixels: int | None,
     decode_slot: AbstractContextManager[Any] | None,
-) -> tuple[np.ndarray, float, list[Face], float, float]:
-    """The decoded image, its scale, the faces found in it, and the two steps' seconds."""
+    budget_s: float,
+    whole_image: bool,
+) -> _Found:
+    """The faces of the photo by the plan (large photos) or the whole-image path."""
     if not isinstance(geometry, Geometry):
         raise TypeError(f"geometry must be a Geometry, got {type(geometry).__name__}")
     t0 = time.perf_counter()
-    image, scale = decode_scaled(
-        data,
-        max_bytes=max_bytes,
-        max_pixels=max_pixels,
-        max_detect_pixels=max_detect_pixels,
-        slot=decode_slot,
-    )
+    photo = Photo(data, max_bytes=max_bytes, max_pixels=max_pixels,
+                  max_detect_pixels=max_detect_pixels)
+    planned = (isinstance(detector, DlibDetector) and detector.boxes != "mmod" and not whole_image
+               and max(photo.width, photo.height) > detector.max_side)
+    if planned:
+        heavy = max_detect_pixels is not None and photo.pixels > max_detect_pixels
+        with decode_slot if heavy and decode_slot is not None else nullcontext():
+            started = time.perf_counter()  # the budget counts work, not the wait for the slot
+            located, _ = locate_faces(photo, detector, budget_s=budget_s, started=started)  # type: ignore[arg-type]
+        total = time.perf_counter() - started
+        return _Found(located, photo.decode_s, total - photo.decode_s)
+    image, scale = decode_scaled(data, max_bytes=max_bytes, max_pixels=max_pixels,
+                                 max_detect_pixels=max_detect_pixels, slot=decode_slot)
     t1 = time.perf_counter()
     faces = detector.detect(image)
-    return image, scale, faces, t1 - t0, time.perf_counter() - t1
+    located = [Located(face if scale == 1.0 else _scaled(face, 1.0 / scale), image, face)
+               for face in faces]
+    return _Found(located, t1 - t0, time.perf_counter() - t1, image, scale)
 
 
 def _scaled(face: Face, factor: float) -> Face:

@@ -7,7 +7,10 @@ Each worker thread owns its own detector, because the dlib and SCRFD detectors a
 not documented as safe to share between threads. Photos over ``max_detect_pixels``
 are decoded at reduced scale, and at most ``heavy_decode_slots`` of them at a time:
 a PNG of 100 KB can hold 36 M pixels (150 MB decoded), so without the bound a burst
-of such uploads multiplies the server's memory by the worker count.
+of such uploads multiplies the server's memory by the worker count; a heavy photo
+holds its slot for its whole decode and detection (``core.plan``).
+Photos are admitted to the workers by a :class:`~facegate.server.fair.FairGate`, so one
+client's uploads cannot take every worker.
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ from typing import Any
 import numpy as np
 from facegate.core.align import Geometry
 from facegate.core.detect import Detector
-from facegate.core.face import PreparedFace, prepare_face, prepare_faces
+from facegate.core.face import DEFAULT_DETECT_BUDGET_S, PreparedFace, prepare_face, prepare_faces
+from facegate.server.fair import CLIENT, FairGate
 
 __all__ = ["FacePipeline", "PreparedFace", "map_large_allocations"]
 
@@ -57,6 +61,7 @@ class _Job:
     max_bytes: int
     max_pixels: int
     max_detect_pixels: int | None
+    detect_budget_s: float = DEFAULT_DETECT_BUDGET_S
 
 
 _worker = threading.local()  # per worker thread, or the one thread of a worker process
@@ -77,7 +82,8 @@ def _detector() -> Detector:
 def _limits() -> dict[str, Any]:
     job = _worker.job
     return {"max_bytes": job.max_bytes, "max_pixels": job.max_pixels,
-            "max_detect_pixels": job.max_detect_pixels, "decode_slot": _worker.heavy_decodes}
+            "max_detect_pixels": job.max_detect_pixels, "decode_slot": _worker.heavy_decodes,
+            "detect_budget_s": job.detect_budget_s}
 
 
 def _prepare(data: bytes, policy: str) -> PreparedFace:
@@ -96,7 +102,9 @@ class FacePipeline:
     """Runs :func:`prepare_face` on ``workers`` threads, or with ``processes`` on that many
     worker processes, each with its own detector, cropping by ``geometry`` (the
     bundle's); ``heavy_decode_slots`` of them at most decode a photo over
-    ``max_detect_pixels`` at once.
+    ``max_detect_pixels`` at once. Photos wait their turn per client (``client_workers``
+    of the workers at most for one client, ``queue_timeout_s`` at most in the queue:
+    :class:`~facegate.server.fair.FairGate`); each has ``detect_budget_s`` of detection.
 
     Why processes: dlib's detectors and shape predictors hold Python's GIL while they
     run, so detector threads take turns on one core (two threads detected 0.66x as fast
@@ -117,11 +125,15 @@ class FacePipeline:
         heavy_decode_slots: int = 2,
         workers: int = 4,
         processes: bool = False,
+        detect_budget_s: float = DEFAULT_DETECT_BUDGET_S,
+        client_workers: int | None = None,
+        queue_timeout_s: float = 120.0,
     ) -> None:
         self.geometry = geometry
         self.policy = policy
         self.workers = workers
-        job = _Job(make_detector, geometry, max_bytes, max_pixels, max_detect_pixels)
+        self.gate = FairGate(workers, client_workers or max(1, workers - 1), queue_timeout_s)
+        job = _Job(make_detector, geometry, max_bytes, max_pixels, max_detect_pixels, detect_budget_s)
         self._executor: Executor
         if processes:
             context = multiprocessing.get_context("spawn")  # no fork of a threaded server
@@ -137,12 +149,14 @@ class FacePipeline:
 
     async def prepare(self, data: bytes, *, policy: str | None = None) -> PreparedFace:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, _prepare, data, policy or self.policy)
+        async with self.gate.slot(CLIENT.get()):
+            return await loop.run_in_executor(self._executor, _prepare, data, policy or self.policy)
 
     async def prepare_every_face(self, data: bytes, *, max_faces: int) -> list[PreparedFace]:
         """Each face of the photo, largest first, ``max_faces`` at most (``prepare_faces``)."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, _prepare_every_face, data, max_faces)
+        async with self.gate.slot(CLIENT.get()):
+            return await loop.run_in_executor(self._executor, _prepare_every_face, data, max_faces)
 
     async def warm_up(self) -> None:
         """Start every worker and run its detector once, so requests do not pay for it."""

@@ -156,6 +156,9 @@ async def start_services(settings: Settings, metrics: ServerMetrics) -> Services
         heavy_decode_slots=settings.heavy_decode_slots,
         workers=settings.cpu_workers,
         processes=settings.detect_processes,
+        detect_budget_s=settings.detect_budget_s,
+        client_workers=settings.client_workers,
+        queue_timeout_s=settings.queue_timeout_s,
     )
     await pipeline.warm_up()
     batcher = MicroBatcher(

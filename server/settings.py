@@ -108,7 +108,19 @@ class Settings(BaseSettings):
         "or downscaled before detection"
     )
     heavy_decode_slots: int = Field(
-        2, ge=1, description="images over max_detect_pixels decoded at once (bounds peak memory)"
+        2, ge=1, description="images over max_detect_pixels decoded and detected at once "
+        "(bounds peak memory)"
+    )
+    detect_budget_s: float = Field(
+        2.5, gt=0, description="seconds of decode and detection per photo: finer searches for "
+        "small faces in large photos are skipped past it (docs/pipeline.md)",
+    )
+    client_workers: int | None = Field(
+        None, ge=1, description="cpu_workers one client (API key, else address) may hold at "
+        "once; default cpu_workers - 1 (at least 1)",
+    )
+    queue_timeout_s: float = Field(
+        120.0, gt=0, description="a photo waiting longer for a worker is answered 503 busy"
     )
     header_timeout_s: float = Field(10.0, gt=0, description="close a connection whose request "
                                     "headers take longer")

@@ -1,0 +1,126 @@
+"""Phone-size photos: reduced decodes, detection planned by face size, crops from the
+photo's own pixels, and the small photos' path unchanged (core.photo, core.plan)."""
+
+from __future__ import annotations
+
+import io
+import sys
+import time
+
+import numpy as np
+import pytest
+from facegate.core.align import DLIB_CHIP_150
+from facegate.core.bundle import load_bundle
+from facegate.core.detect import DlibDetector
+from facegate.core.embed import create_embedder
+from facegate.core.errors import ImageDegenerate, NoFaceError
+from facegate.core.face import align_face, make_detector, prepare_face, prepare_faces
+from facegate.core.image import decode
+from facegate.core.photo import Photo
+from facegate.core.plan import GUARANTEED_FACE, plan
+from PIL import Image
+from server_support import REPO, default_bundle, huge_declared_png
+
+sys.path.insert(0, str(REPO))
+from bench.phone_set import FRAMES, iou, place  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def detector() -> DlibDetector:
+    return make_detector(DLIB_CHIP_150)
+
+
+@pytest.fixture(scope="module")
+def sources(celeba_index, detector) -> list[tuple[Image.Image, tuple]]:
+    """(photo, its face box) for the first 6 shared photos with one face, which HOG finds
+    (in a large photo the CNN only looks for large faces: core.plan)."""
+    out = []
+    for path, _ in celeba_index[:40]:
+        data = path.read_bytes()
+        faces = prepare_faces(data, detector, DLIB_CHIP_150, max_faces=4)
+        if len(faces) == 1 and len(DlibDetector.hog_boxes(decode(data), 0)) == 1:
+            out.append((Image.open(io.BytesIO(data)), faces[0].face.box))
+        if len(out) == 6:
+            break
+    return out
+
+
+def test_degenerate_geometry_is_refused_from_the_header(detector):
+    strip = huge_declared_png(39_000_000, 1)  # under the 40 MP limit, no face fits
+    start = time.perf_counter()
+    with pytest.raises(ImageDegenerate, match="39000000x1"):
+        prepare_face(strip, detector, DLIB_CHIP_150, max_detect_pixels=4_000_000)
+    assert time.perf_counter() - start < 0.1
+    with pytest.raises(ImageDegenerate, match="aspect"):
+        prepare_face(huge_declared_png(21_000, 1_000), detector, DLIB_CHIP_150)
+
+
+def test_the_plan_searches_by_face_size():
+    twelve = plan(4000, 3000, DlibDetector(boxes="hog+mmod"))
+    # A PNG over the 4 MP budget has pixels at 0.5 scale at most: nothing finer is planned.
+    assert max(s.scale for s in plan(4000, 4000, DlibDetector(), max_scale=0.5)) == 0.5
+    assert [(s.finder, round(s.scale, 3), s.upsample, s.required) for s in twelve] == [
+        ("hog", 0.256, 0, True), ("hog", 0.8, 0, True), ("hog", 1.0, 0, False),
+        ("mmod", 0.256, 0, False), ("hog", 1.0, 1, False)]
+    assert twelve[1].min_face == GUARANTEED_FACE and twelve[-1].min_face == 40
+    # A photo within the working size by 1.25x needs no guaranteed step: the first finds 100 px.
+    assert [s.required for s in plan(1200, 900, DlibDetector(upsample=0))] == [True, False]
+
+
+@pytest.mark.parametrize("frame,face_px", [("12 MP", 400), ("12 MP", 110), ("3 MP", 110)])
+def test_faces_in_phone_photos_are_found_where_they_are(sources, detector, frame, face_px):
+    found = 0
+    for seed, (photo, box) in enumerate(sources):
+        data, expected = place(photo, box, face_px, FRAMES[frame], seed)
+        try:
+            got = prepare_face(data, detector, DLIB_CHIP_150, max_detect_pixels=4_000_000)
+        except NoFaceError:
+            continue
+        assert iou(got.face.box, expected) > 0.5, (got.face.box, expected)
+        assert got.crop.shape == (150, 150, 3)
+        found += 1
+    assert found == len(sources)
+
+
+def test_crops_from_the_plan_match_a_full_resolution_crop(sources, detector):
+    """The crop from reduced decodes embeds as the crop made from the whole full-size image."""
+    embedder = create_embedder(load_bundle(default_bundle()), runtime="onnxruntime-cpu", flip=False)
+    photo, box = sources[0]
+    data, _ = place(photo, box, 400, FRAMES["12 MP"], 0)
+    planned = prepare_face(data, detector, DLIB_CHIP_150, max_detect_pixels=4_000_000)
+    full = decode(data, max_bytes=10**8)  # the full 12 MP, landmarks fitted there
+    local = detector.fit_landmarks(full, [(planned.face.box, planned.face.score)])[0]
+    reference = align_face(full, local, DLIB_CHIP_150)
+    a, b = embedder.embed(np.stack([planned.crop, reference]))
+    assert float(a @ b) > 0.99
+    # The shape predictor at half resolution (the box still 200 px wide) lands within 2% of
+    # the face's width of where it lands at full resolution (measured: 1.6%).
+    np.testing.assert_allclose(planned.face.landmarks, local.landmarks, atol=0.02 * 400)
+
+
+def test_shared_photos_keep_their_crops(celeba_index, detector):
+    """Photos within the working size take the whole-image path: the crops the model was
+    calibrated on do not change."""
+    for path, _ in celeba_index[::400][:12]:
+        data = path.read_bytes()
+        try:
+            got = prepare_face(data, detector, DLIB_CHIP_150, max_detect_pixels=4_000_000)
+        except NoFaceError:
+            continue
+        image = decode(data)
+        face = max(detector.detect(image), key=lambda f: f.area())
+        np.testing.assert_array_equal(got.crop, align_face(image, face, DLIB_CHIP_150))
+
+
+def test_exif_rotated_phone_photo_is_searched_upright(sources, detector):
+    photo, box = sources[1]
+    data, expected = place(photo, box, 300, FRAMES["3 MP"], 1)
+    rotated = Image.open(io.BytesIO(data)).transpose(Image.Transpose.ROTATE_90)  # stored sideways
+    exif = Image.Exif()
+    exif[274] = 6  # view: rotate 90 degrees clockwise, back to upright
+    buf = io.BytesIO()
+    rotated.save(buf, format="JPEG", quality=90, exif=exif.tobytes())
+    assert (Photo(buf.getvalue(), max_bytes=10**8, max_pixels=10**8, max_detect_pixels=None).width
+            == 2000)
+    got = prepare_face(buf.getvalue(), detector, DLIB_CHIP_150)
+    assert iou(got.face.box, expected) > 0.5
