@@ -15,15 +15,47 @@ each live decision so the consistency monitor keeps at most
 from __future__ import annotations
 
 import contextvars
+import errno
+import functools
+import logging
 import sqlite3
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+log = logging.getLogger(__name__)
+F = TypeVar("F", bound=Callable[..., None])
 CALLER: contextvars.ContextVar[str | None] = contextvars.ContextVar("facegate_caller", default=None)
 AUDIT_SCHEMA_LOCK = 0x46470003  # beside pg_schema's advisory lock keys
 DECISIONS_PER_CALLER = 20  # of an identity's 200 kept decisions: no one caller steers it
+
+
+
+def best_effort(record: F) -> F:
+    """A store's ``record_decision`` that a full disk (or, for PostgreSQL, a database that
+    cannot take the write) does not fail: the verification it records has been answered
+    correctly either way. Counted in ``store.unrecorded_decisions`` (exported by /metrics)
+    and logged at most once a minute."""
+
+    @functools.wraps(record)
+    def wrapper(store: Any, *args: Any, **kwargs: Any) -> None:
+        try:
+            record(store, *args, **kwargs)
+        except Exception as e:
+            full = getattr(e, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or (
+                isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT))
+            if not full and type(e).__name__ != "GalleryUnavailable":
+                raise
+            store.unrecorded_decisions = getattr(store, "unrecorded_decisions", 0) + 1
+            if time.monotonic() - getattr(store, "_unrecorded_logged", -60.0) >= 60.0:
+                store._unrecorded_logged = time.monotonic()
+                log.error("a decision record was not written (%s); the decision itself stands", e)
+
+    return wrapper  # type: ignore[return-value]
+
 
 COLUMNS = ("at", "key_name", "request_id", "client", "method", "route", "action",
            "identity_id", "status", "outcome")

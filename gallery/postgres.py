@@ -28,7 +28,7 @@ import numpy as np
 import psycopg
 from facegate.core.align import ARCFACE_112, Geometry, as_geometry
 from facegate.core.errors import DuplicateIdentity, UnknownIdentity, UnknownTemplate
-from facegate.gallery.audit import CALLER, DECISIONS_PER_CALLER, prepare_postgres
+from facegate.gallery.audit import CALLER, DECISIONS_PER_CALLER, best_effort, prepare_postgres
 from facegate.gallery.cache import IndexCache
 from facegate.gallery.crypto import PlainSealer, Sealer
 from facegate.gallery.integrity import Quarantine
@@ -201,6 +201,7 @@ class PostgresGallery(PostgresReads):
                 raise UnknownTemplate(f"identity {identity_id!r} has no template {template_id!r}")
             _change(conn, "untemplate", identity_id, row[0])
 
+    @best_effort  # a full or unreachable database never fails the verification (audit.py)
     def record_decision(
         self, identity_id: str, similarity: float, accepted: bool, route: str
     ) -> None:

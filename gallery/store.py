@@ -17,6 +17,7 @@ migrated in place at open: their crops were all ArcFace-template 112x112 crops.
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import threading
 import time
@@ -28,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from facegate.core.align import ARCFACE_112, Geometry, as_geometry
 from facegate.core.errors import DuplicateIdentity, UnknownIdentity, UnknownTemplate
-from facegate.gallery.audit import CALLER, DECISIONS_PER_CALLER, prepare_sqlite
+from facegate.gallery.audit import CALLER, DECISIONS_PER_CALLER, best_effort, prepare_sqlite
 from facegate.gallery.cache import IndexCache
 from facegate.gallery.crypto import PlainSealer, Sealer
 from facegate.gallery.integrity import Quarantine, integrity_error
@@ -53,6 +54,7 @@ from facegate.gallery.sqlite_schema import SCHEMA, SCHEMA_VERSION, migrate
 from tqdm import tqdm
 
 __all__ = ["Candidate", "Gallery", "Identity", "ReembedReport", "Template"]
+log = logging.getLogger(__name__)
 
 
 class Gallery(SqliteReads):
@@ -216,6 +218,7 @@ class Gallery(SqliteReads):
             self._unindex_rows([row[0]])
             self._quarantine.forget([row[0]])
 
+    @best_effort  # a full disk never fails the verification (gallery/audit.py)
     def record_decision(
         self, identity_id: str, similarity: float, accepted: bool, route: str
     ) -> None:
@@ -420,8 +423,12 @@ class Gallery(SqliteReads):
 
     def _shred(self) -> None:
         """After a delete: copy the WAL into the file (whose freed pages secure_delete has
-        zeroed) and truncate it, so no deleted row survives in the -wal while we run."""
-        self._writer.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        zeroed) and truncate it, so no deleted row survives in the -wal while we run. The
+        delete has committed: a checkpoint that fails (full disk) is retried by the next."""
+        try:
+            self._writer.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error as e:
+            log.warning("WAL checkpoint after a delete failed (%s); the next delete retries it", e)
 
     def _wrapped_key(self, identity_id: str) -> bytes | None:
         row = self._reader().execute(

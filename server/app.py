@@ -20,6 +20,7 @@ from facegate.server.audit import AuditMiddleware, AuditTrail
 from facegate.server.auth import Auth
 from facegate.server.deps import get_services
 from facegate.server.errors import install_error_handlers
+from facegate.server.faults import install_fault_handlers
 from facegate.server.metrics import ServerMetrics
 from facegate.server.middleware import (
     BodyGuardMiddleware,
@@ -67,6 +68,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.audit = audit
     app.state.services = None
     install_error_handlers(app)
+    install_fault_handlers(app, metrics)  # 507 storage_full, 503 resources_exhausted
     include_routers(app)
 
     if settings.cors_origins:

@@ -88,6 +88,15 @@ class ServerMetrics:
             "facegate_auth_refused", "requests refused by authentication, by reason "
             "(wrong_key, locked_out, rate_limited, insufficient_scope)", ["reason"], registry=r,
         )
+        self.storage_faults = Counter(
+            "facegate_storage_faults", "requests answered 507 storage_full or 503 "
+            "resources_exhausted", ["code"], registry=r,
+        )
+        self.unrecorded_decisions = Gauge(
+            "facegate_decision_records_unwritten", "live decision records that could not be "
+            "written since start (full disk, database down); the decisions were answered",
+            registry=r,
+        )
         self.audit_failures = Counter(
             "facegate_audit_write_failures", "audit records not written, by reason (write: "
             "the database refused, e.g. disk full; dropped: too many waiting)", ["reason"],

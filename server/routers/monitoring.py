@@ -140,6 +140,9 @@ async def readyz(request: Request) -> JSONResponse:
     dependencies=[Depends(metrics_guard)],
 )
 async def prometheus_metrics(request: Request) -> Response:
+    services = request.app.state.services
+    gallery = None if services is None else services.gallery.gallery
+    request.app.state.metrics.unrecorded_decisions.set(getattr(gallery, "unrecorded_decisions", 0))
     return Response(
         request.app.state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8"
     )

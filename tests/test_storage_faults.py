@@ -1,0 +1,118 @@
+"""A real full disk under a real `facegate serve`: the SQLite gallery on a tmpfs of fixed
+size, filled to the last byte. Writes answer 507 storage_full, verify and search keep
+answering 200, nothing acknowledged is lost (across a restart), and the server recovers
+when space comes back. Needs root to mount the tmpfs; skips saying so otherwise."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+from facegate.server.faults import storage_fault
+from server_support import default_bundle, free_port, people, start_server
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(disk)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a 3 MB tmpfs (needs root): {mounted.stderr.strip()}")
+    (disk / "server.log").symlink_to(tmp_path / "server.log")  # the log stays off the full disk
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def fill(disk: Path) -> Path:
+    filler = disk / "filler"
+    with open(filler, "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+        except OSError:
+            pass
+    return filler
+
+
+def enrol(base: str, identity_id: str, photos: list[Path]) -> httpx.Response:
+    files = [("images", (p.name, p.read_bytes(), "image/jpeg")) for p in photos]
+    return httpx.post(f"{base}/v1/identities", files=files, timeout=60,
+                      data={"identity_id": identity_id, "name": f"Person {identity_id}"})
+
+
+def test_a_full_disk_refuses_writes_with_507_and_keeps_answering(small_disk, celeba_index):
+    group = list(people(celeba_index).values())
+    gallery = small_disk / "gallery.sqlite"
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    env = {"FACEGATE_KEEP_CROPS": "true"}
+    proc = start_server(default_bundle(), gallery, port, env=env)
+    acknowledged: set[str] = set()
+    try:
+        assert enrol(base, "first", group[0][:2]).status_code == 201
+        acknowledged.add("first")
+        filler = fill(small_disk)
+        codes = []
+        for photos in group[1:6]:
+            identity_id = uuid.uuid4().hex[:8]
+            response = enrol(base, identity_id, photos[:3])
+            codes.append(response.status_code)
+            if response.status_code == 201:
+                acknowledged.add(identity_id)
+            else:
+                assert response.json()["error"]["code"] == "storage_full", response.text
+        assert 507 in codes and set(codes) <= {201, 507}, codes
+
+        probe = group[0][2]
+        files = {"image1": ("a.jpg", group[0][0].read_bytes()), "image2": ("b.jpg", probe.read_bytes())}
+        assert httpx.post(f"{base}/v1/verify", files=files, timeout=60).status_code == 200
+        found = httpx.post(f"{base}/v1/search", files={"image": ("p.jpg", probe.read_bytes())},
+                           timeout=60)
+        assert found.status_code == 200 and found.json()["match"]["identity_id"] == "first"
+        checked = httpx.post(f"{base}/v1/verify/identity", files={"image": ("p.jpg", probe.read_bytes())},
+                             data={"identity_id": "first"}, timeout=60)
+        assert checked.status_code == 200 and checked.json()["match"]
+        metrics = httpx.get(f"{base}/metrics").text
+        assert 'facegate_storage_faults_total{code="storage_full"}' in metrics
+        assert "facegate_decision_records_unwritten 1.0" in metrics  # counted, not fatal
+        assert httpx.delete(f"{base}/v1/identities/nobody-{uuid.uuid4().hex}").status_code == 404
+        for identity_id in acknowledged:
+            assert httpx.get(f"{base}/v1/identities/{identity_id}").status_code == 200
+
+        filler.unlink()  # space comes back: so does enrolment
+        assert enrol(base, "after", group[6][:1]).status_code == 201
+        acknowledged.add("after")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    proc = start_server(default_bundle(), gallery, port, env=env)
+    try:
+        listed = httpx.get(f"{base}/v1/identities", params={"limit": 100}).json()
+        assert {i["identity_id"] for i in listed["identities"]} == acknowledged
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    log = (small_disk.parent / "server.log").read_text()
+    assert log.count("storage_full:") <= 2  # at most once a minute, not a traceback per request
+
+
+def test_fault_kinds_are_told_apart():
+    import sqlite3
+
+    full = sqlite3.OperationalError("database or disk is full")
+    full.sqlite_errorcode = sqlite3.SQLITE_FULL
+    assert storage_fault(full).status == 507
+    try:
+        raise RuntimeError("wrapped") from OSError(28, os.strerror(28))
+    except RuntimeError as e:
+        assert storage_fault(e).code == "storage_full"
+    assert storage_fault(OSError(24, "Too many open files")).status == 503
+    assert storage_fault(sqlite3.OperationalError("no such table")) is None
