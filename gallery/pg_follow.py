@@ -4,8 +4,9 @@ The :class:`Follower` builds the index from one snapshot (recording the last cha
 sequence number in that snapshot), then applies the changes after it in sequence
 order. A thread LISTENs on the gallery's channel to wake up when another replica
 commits, and reads by sequence number on every wake-up and at least every ``poll_s``
-seconds; after losing its connection it reconnects with backoff and catches up
-before it reports ready again. Applying is idempotent (a template already indexed is
+seconds; after losing its connection it reconnects with backoff (at most
+``MAX_BACKOFF_S`` apart), replaces the pool's idle connections (dead after a restart)
+and catches up before it reports ready again. Applying is idempotent (a template already indexed is
 not added twice, an unknown one is not removed), so overlapping catch-ups are harmless.
 """
 
@@ -14,10 +15,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import psycopg
 from facegate.core.errors import FacegateError
+from facegate.gallery.pg_deadline import LONG_READ_TIMEOUT_S, connect_timeout
 from facegate.gallery.pg_schema import CHANNEL
 from facegate.gallery.sealed_rows import load_keys
 
@@ -28,7 +32,8 @@ log = logging.getLogger(__name__)
 CATCH_UP_BATCH = 5000
 CHANGES_RETENTION_S = 24 * 3600.0  # far longer than any replica should lag
 PRUNE_EVERY_S = 3600.0
-MAX_BACKOFF_S = 2.0
+MAX_BACKOFF_S = 1.0
+FOLLOW_TIMEOUT_S = 30.0  # one catch-up by the follower thread (a long backlog after an outage)
 
 
 class GalleryUnavailable(FacegateError):
@@ -77,7 +82,7 @@ class Follower:
     def rebuild(self) -> None:
         """Replace the index with one snapshot of the database."""
         g = self.gallery
-        with self._lock, g._connection() as conn, conn.transaction():
+        with self._lock, g._connection(LONG_READ_TIMEOUT_S) as conn, conn.transaction():
             conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
             (seq,) = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM changes").fetchone()
             load_keys(conn, "%s", g._sealer)  # each identity's key unwrapped once
@@ -96,15 +101,17 @@ class Follower:
             self.seq = seq
         log.info("gallery index built: %d templates, change sequence %d", len(rows), seq)
 
-    def catch_up(self) -> int:
+    def catch_up(self, timeout_s: float | None = None) -> int:
         """Apply every committed change after ``seq``; returns how many were applied.
 
         One snapshot: if changes this replica has not applied were pruned
-        (:meth:`prune`: the oldest left is past ``seq + 1``), it rebuilds instead."""
+        (:meth:`prune`: the oldest left is past ``seq + 1``), it rebuilds instead.
+        ``timeout_s`` (default the gallery's) bounds the wait for another catch-up too."""
         g = self.gallery
         applied = 0
         rebuild = False
-        with self._lock, g._connection() as conn, conn.transaction():
+        with self._locked(timeout_s or g.timeout_s), g._connection(timeout_s) as conn, \
+                conn.transaction():
             conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
             (oldest,) = conn.execute("SELECT MIN(seq) FROM changes").fetchone()
             if oldest is not None and oldest > self.seq + 1:
@@ -130,6 +137,15 @@ class Follower:
         if rebuild:
             self.rebuild()
         return applied
+
+    @contextmanager
+    def _locked(self, timeout_s: float) -> Iterator[None]:
+        if not self._lock.acquire(timeout=timeout_s):
+            raise GalleryUnavailable("another catch-up of this replica's index is still running")
+        try:
+            yield
+        finally:
+            self._lock.release()
 
     def prune(self, older_than_s: float = CHANGES_RETENTION_S) -> int:
         """Delete changes older than ``older_than_s``, always keeping the newest; returns how
@@ -187,12 +203,19 @@ class Follower:
 
     def _run(self) -> None:
         """LISTEN, catch up on every notification and every ``poll_s``; reconnect on loss."""
+        g = self.gallery
         backoff = 0.2
+        lost = False
         while not self._stop.is_set():
             try:
-                with psycopg.connect(self.url, autocommit=True, connect_timeout=5) as conn:
-                    conn.execute(f"LISTEN {CHANNEL}")
-                    self.catch_up()  # whatever committed while we were away
+                with psycopg.connect(self.url, autocommit=True,
+                                     connect_timeout=connect_timeout(g.timeout_s)) as conn:
+                    with g._pool.watchdog.guard(conn, time.monotonic() + g.timeout_s, g.timeout_s):
+                        conn.execute(f"LISTEN {CHANNEL}")
+                    if lost:  # the pool's idle connections may have died with the server
+                        g._pool.drain()
+                        lost = False
+                    self.catch_up(FOLLOW_TIMEOUT_S)  # whatever committed while we were away
                     self._caught_up.set()
                     backoff = 0.2
                     polled = time.monotonic()
@@ -200,17 +223,18 @@ class Follower:
                         # Wait at most 1 s at a time, so stop() never waits for a long poll.
                         woke = any(conn.notifies(timeout=min(self.poll_s, 1.0), stop_after=1))
                         if woke or time.monotonic() - polled >= self.poll_s:
-                            self.catch_up()
+                            self.catch_up(FOLLOW_TIMEOUT_S)
                             polled = time.monotonic()
                         if time.monotonic() - self._pruned >= PRUNE_EVERY_S:
                             self._pruned = time.monotonic()
                             self.prune()
-            except (psycopg.Error, GalleryUnavailable) as e:
+            except (psycopg.Error, GalleryUnavailable, TimeoutError) as e:
                 if self._stop.is_set():
                     return
                 if self._caught_up.is_set():
                     log.warning("gallery follower lost the database: %s; reconnecting", e)
                 self._caught_up.clear()
+                lost = True
                 self._stop.wait(backoff)
                 backoff = min(MAX_BACKOFF_S, backoff * 2)
             except Exception:  # never let the follower die silently: not ready, retry

@@ -10,6 +10,7 @@ version intact. A database migrated by a newer facegate is refused, not downgrad
 from __future__ import annotations
 
 import psycopg
+from facegate.gallery.opening import check_postgres
 
 # Advisory lock keys (any two constants; they only need to differ from each other).
 MIGRATION_LOCK = 0x46470001
@@ -80,13 +81,7 @@ def migrate(conn: psycopg.Connection) -> list[int]:
             " version integer PRIMARY KEY, name text NOT NULL,"
             " applied_at timestamptz NOT NULL DEFAULT now())"
         )
-        applied = {v for (v,) in conn.execute("SELECT version FROM facegate_migrations")}
-        newest = max(applied, default=0)
-        if newest > SCHEMA_VERSION:
-            raise RuntimeError(
-                f"gallery database schema {newest} is newer than this facegate's "
-                f"({SCHEMA_VERSION}); upgrade facegate"
-            )
+        applied = check_postgres(conn, SCHEMA_VERSION)  # foreign, damaged, newer: refused
         done = []
         for version, name, sql in MIGRATIONS:
             if version not in applied:

@@ -13,6 +13,9 @@ A write returns only after its transaction has committed, and after this replica
 index has caught up, so the replica that acknowledged an enrolment finds it at once.
 Database errors (server down, restarting, pool exhausted) raise
 :class:`GalleryUnavailable`: HTTP 503, nothing acknowledged, nothing half-written.
+Every use of the database has a deadline, ``timeout_s`` (acquiring the connection
+included, :mod:`~facegate.gallery.pg_deadline`), so a database that stops answering
+costs a request that long, never more.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from facegate.gallery.cache import IndexCache
 from facegate.gallery.crypto import PlainSealer, Sealer
 from facegate.gallery.integrity import Quarantine
 from facegate.gallery.metadata import STORE_MAX_BYTES, STORE_MAX_DEPTH, check_metadata
+from facegate.gallery.pg_deadline import LONG_READ_TIMEOUT_S, DeadlinePool
 from facegate.gallery.pg_follow import Follower, GalleryUnavailable, unavailable
 from facegate.gallery.pg_reads import PostgresReads
 from facegate.gallery.pg_schema import CHANGES_LOCK, CHANNEL, migrate
@@ -48,7 +52,6 @@ from facegate.gallery.records import (
     per_row,
 )
 from facegate.gallery.sealed_rows import prepare_postgres as prepare_sealing
-from psycopg_pool import ConnectionPool
 
 __all__ = ["GalleryUnavailable", "PostgresGallery"]
 log = logging.getLogger(__name__)
@@ -70,15 +73,17 @@ class PostgresGallery(PostgresReads):
         decisions_per_identity: int = 200,
         sealer: Sealer | PlainSealer | None = None,
         pool_size: int = 8,
-        pool_timeout_s: float = 5.0,
+        timeout_s: float = 2.0,
+        start_timeout_s: float = 30.0,
         poll_s: float = 2.0,
     ) -> None:
         """Migrate the schema, build the index from the database, start following changes.
 
         ``pool_size``: connections this replica may hold (PostgreSQL's max_connections
-        must cover every replica's pool plus one listener each); ``pool_timeout_s``: how
-        long a request waits for a connection before 503; ``poll_s``: the catch-up read
-        that runs even without a notification."""
+        must cover every replica's pool plus one listener each); ``timeout_s``: the most
+        one use of the database may take, waiting for a connection included, before 503;
+        ``start_timeout_s``: for connecting and migrating at start (GalleryUnavailable
+        past it); ``poll_s``: the catch-up read that runs even without a notification."""
         self.url = url
         self.model_id = model_id
         self.embedding_size = embedding_size
@@ -90,19 +95,14 @@ class PostgresGallery(PostgresReads):
         self._sealer = sealer or PlainSealer()
         self._sealer.loader = self._wrapped_key
         self._quarantine = Quarantine(embedding_size, opener=self._sealer.open_vectors)
-        self._pool = ConnectionPool(
-            url,
-            min_size=1,
-            max_size=pool_size,
-            timeout=pool_timeout_s,
-            kwargs={"autocommit": True, "connect_timeout": max(1, int(pool_timeout_s))},
-            check=ConnectionPool.check_connection,
-            open=False,
-            name="facegate-gallery",
-        )
+        self.timeout_s = timeout_s
+        self._pool = DeadlinePool(url, size=pool_size, timeout_s=timeout_s, name="facegate-gallery")
         try:
-            self._pool.open(wait=True, timeout=max(pool_timeout_s, 10.0))
-            with self._pool.connection() as conn:
+            try:
+                self._pool.open(start_timeout_s)
+            except psycopg.OperationalError as e:  # PoolTimeout: no connection at all
+                raise unavailable(e) from e
+            with self._connection(start_timeout_s) as conn:
                 migrate(conn)
                 prepare_postgres(conn)  # the audit trail and decisions.caller (gallery/audit.py)
                 prepare_sealing(conn, self._sealer)  # seals a gallery of before (sealed_rows.py)
@@ -238,7 +238,7 @@ class PostgresGallery(PostgresReads):
         Run once for the whole deployment, from any one machine: each batch is one
         transaction whose changes move the templates in every replica's index (out of
         replicas still on the old model, into those on this one)."""
-        with self._connection() as conn:
+        with self._connection(LONG_READ_TIMEOUT_S) as conn:
             rows = conn.execute(
                 "SELECT row_id, identity_id, crop, template_id FROM templates WHERE model_id <> %s"
                 " AND crop IS NOT NULL AND crop_geometry = %s ORDER BY row_id",
@@ -278,10 +278,11 @@ class PostgresGallery(PostgresReads):
     # -- internals ----------------------------------------------------------------------
 
     @contextmanager
-    def _connection(self) -> Iterator[psycopg.Connection]:
-        """A pooled connection; database trouble becomes GalleryUnavailable (503)."""
+    def _connection(self, timeout_s: float | None = None) -> Iterator[psycopg.Connection]:
+        """A pooled connection for one use of at most ``timeout_s`` (default the gallery's);
+        database trouble, or no answer in time, becomes GalleryUnavailable (503)."""
         try:
-            with self._pool.connection() as conn:
+            with self._pool.connection(timeout_s) as conn:
                 yield conn
         except GalleryUnavailable:
             raise

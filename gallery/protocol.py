@@ -92,7 +92,8 @@ def open_gallery(location: str | Path, **options: Any) -> GalleryStore:
     :class:`~facegate.gallery.postgres.PostgresGallery` for a ``postgresql://`` URL.
 
     ``options`` are the common keywords (model_id, embedding_size, index, keep_crops,
-    geometry, gpu, decisions_per_identity); PostgreSQL also takes ``pool_size``."""
+    geometry, gpu, decisions_per_identity); PostgreSQL also takes ``pool_size`` and
+    ``timeout_s``."""
     if is_postgres_url(location):
         from facegate.gallery.postgres import PostgresGallery
 
@@ -100,4 +101,5 @@ def open_gallery(location: str | Path, **options: Any) -> GalleryStore:
     from facegate.gallery.store import Gallery
 
     options.pop("pool_size", None)
+    options.pop("timeout_s", None)
     return Gallery(location, **options)

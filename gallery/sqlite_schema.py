@@ -6,6 +6,7 @@ import sqlite3
 from pathlib import Path
 
 from facegate.core.align import ARCFACE_112
+from facegate.gallery.opening import newer_schema
 from facegate.gallery.records import geometry_key
 
 SCHEMA_VERSION = 2  # 2: templates.crop_geometry
@@ -62,11 +63,8 @@ def migrate(db: sqlite3.Connection, path: Path) -> None:
     opening one old file migrate it once.
     """
     (version,) = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-    if int(version) > SCHEMA_VERSION:
-        raise RuntimeError(
-            f"{path}: gallery schema {version} is newer than this facegate's "
-            f"({SCHEMA_VERSION}); upgrade facegate"
-        )
+    if int(version) > SCHEMA_VERSION:  # checked at open too; here under the write lock
+        raise newer_schema(str(path), int(version), SCHEMA_VERSION)
     columns = {row[1] for row in db.execute("PRAGMA table_info(templates)")}
     if "crop_geometry" not in columns:
         db.execute("ALTER TABLE templates ADD COLUMN crop_geometry TEXT")

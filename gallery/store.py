@@ -34,6 +34,7 @@ from facegate.gallery.cache import IndexCache
 from facegate.gallery.crypto import PlainSealer, Sealer
 from facegate.gallery.integrity import Quarantine, integrity_error
 from facegate.gallery.metadata import STORE_MAX_BYTES, STORE_MAX_DEPTH, check_metadata
+from facegate.gallery.opening import check_sqlite_file
 from facegate.gallery.records import (
     REEMBED_BATCH,
     Candidate,
@@ -91,6 +92,7 @@ class Gallery(SqliteReads):
         self._closed = False
         self._sealer = sealer or PlainSealer()
         self._sealer.loader = self._wrapped_key
+        check_sqlite_file(self.path, SCHEMA_VERSION)  # empty, foreign, damaged, newer: refused
         self._writer = self._connect()
         self._writer.executescript(SCHEMA)
         with self._transaction() as db:

@@ -33,7 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import uvicorn
     from facegate.core.errors import BundleError
-    from facegate.server.http import h11_protocol
+    from facegate.gallery.opening import GalleryRefused, preflight
+    from facegate.server.http import BoundedShutdownServer, h11_protocol
     from facegate.server.services import load_served_bundle
     from facegate.server.settings import Settings
 
@@ -54,15 +55,22 @@ def run(args: argparse.Namespace) -> int:
     except BundleError as err:
         print(f"facegate serve: refusing to start: {err.message}", file=sys.stderr)
         return STARTUP_REFUSED
-    uvicorn.run(
+    try:  # an empty, foreign, damaged, newer or unreachable gallery: its own exit status
+        preflight(settings.gallery)
+    except GalleryRefused as err:
+        print(f"facegate serve: refusing to start: {err}", file=sys.stderr)
+        return err.exit_code
+    config = uvicorn.Config(
         "facegate.server.app:create_app",
         factory=True,
         host=args.host,
         port=args.port,
         log_level=args.log_level,
-        timeout_graceful_shutdown=10,
+        timeout_graceful_shutdown=settings.shutdown_timeout_s,
         limit_concurrency=settings.max_connections,  # above it: 503 at once, not a pile-up
         # h11 explicitly: the header deadline (slowloris) lives in this subclass of its protocol
         http=h11_protocol(settings.header_timeout_s),
     )
-    return 0
+    server = BoundedShutdownServer(config)
+    server.run()
+    return 0 if server.started else STARTUP_REFUSED  # uvicorn.run's status for a failed start

@@ -9,18 +9,31 @@ opening or of the previous response ending; otherwise the connection is closed, 
 middleware's job (``middleware.BodyGuardMiddleware``), where the JSON reply is easy.
 
 The protocol also answers uvicorn's "invalid HTTP request" 400 (oversized or malformed
-headers) with the envelope instead of plain text.
+headers) with the envelope instead of plain text. After such an answer it closes its
+side for writing and reads (and drops) what the client still sends for up to
+``LINGER_S`` before closing: closing at once, with a 200 KB header still arriving, makes
+the kernel answer with a TCP reset that destroys the 400 before the client reads it.
+
+:class:`BoundedShutdownServer` is uvicorn's server with an upper bound on shutdown.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import os
+import threading
 from typing import Any
 
 import h11
+import uvicorn
 from facegate.server.errors import error_body
 from uvicorn.protocols.http.h11_impl import STATUS_PHRASES, H11Protocol
+
+LINGER_S = 2.0
+SHUTDOWN_MARGIN_S = 3.0
+log = logging.getLogger("facegate.server")
 
 
 class HeaderTimeoutH11Protocol(H11Protocol):
@@ -33,6 +46,7 @@ class HeaderTimeoutH11Protocol(H11Protocol):
         self._header_timer: asyncio.TimerHandle | None = None
         self._timed_cycle: object = None  # the cycle current when the timer was armed
         self._bytes_since_armed = False
+        self._lingering = False  # answered and half-closed: what still arrives is dropped
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -43,6 +57,8 @@ class HeaderTimeoutH11Protocol(H11Protocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        if self._lingering:
+            return
         self._bytes_since_armed = True
         super().data_received(data)
 
@@ -104,7 +120,13 @@ class HeaderTimeoutH11Protocol(H11Protocol):
             h11.EndOfMessage(),
         ):
             self.transport.write(self.conn.send(event))
-        self.transport.close()
+        if not self.transport.can_write_eof():
+            self.transport.close()
+            return
+        self._cancel_header_timer()
+        self._lingering = True
+        self.transport.write_eof()  # the answer, then EOF; the rest of the request is read
+        self.loop.call_later(LINGER_S, self.transport.close)
 
     def _peer(self) -> str:
         return f"{self.client[0]}:{self.client[1]}" if self.client else "unknown client"
@@ -115,3 +137,24 @@ def h11_protocol(header_timeout_s: float) -> type[HeaderTimeoutH11Protocol]:
     return type(
         "HeaderTimeoutH11Protocol", (HeaderTimeoutH11Protocol,), {"header_timeout_s": header_timeout_s}
     )
+
+
+class BoundedShutdownServer(uvicorn.Server):
+    """uvicorn's server, whose process is gone at most ``SHUTDOWN_MARGIN_S`` after the
+    graceful timeout: requests still running then are answered 503 ``shutting_down``
+    (middleware), and past the margin whatever still holds the process (a thread in a
+    long call) no longer does. Everything acknowledged is committed by then."""
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        if not self.should_exit:
+            bound = (self.config.timeout_graceful_shutdown or 0) + SHUTDOWN_MARGIN_S
+            timer = threading.Timer(bound, _exit_now, args=(bound,))
+            timer.daemon = True
+            timer.start()
+        super().handle_exit(sig, frame)
+
+
+def _exit_now(bound: float) -> None:
+    log.error("shutdown still not done %g s after the signal: exiting now", bound)
+    logging.shutdown()
+    os._exit(1)

@@ -37,7 +37,9 @@ class RequestContextMiddleware:
     """Sets ``x-request-id`` on every response and counts requests by route template.
 
     It is also the last line for unexpected exceptions: they are logged and answered
-    with the JSON envelope (500), still carrying the request id.
+    with the JSON envelope (500), still carrying the request id; and for shutdown: a
+    request still running when uvicorn's graceful timeout ends is cancelled, and
+    answered 503 ``shutting_down`` instead of uvicorn's plain-text 500.
     """
 
     def __init__(self, app: ASGIApp, metrics: ServerMetrics) -> None:
@@ -66,6 +68,14 @@ class RequestContextMiddleware:
 
         try:
             await self.app(scope, receive, send_with_id)
+        except asyncio.CancelledError:
+            if started:
+                raise
+            log.warning("request %s cut by shutdown: 503 shutting_down", request_id)
+            response = error_response(503, "shutting_down", "the server is shutting down; "
+                                      "nothing of this request was acknowledged, retry it")
+            response.headers["connection"] = "close"
+            await response(scope, receive, send_with_id)
         except Exception:
             log.exception("unhandled error (request %s)", request_id)
             if started:

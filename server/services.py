@@ -42,6 +42,10 @@ class GalleryWorker:
 
     def __init__(self, opener: Callable[[], GalleryStore], *, workers: int = 4) -> None:
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="gallery")
+        # Health probes get their own thread, one at a time: they never queue behind
+        # requests, and never pile up on a database that does not answer.
+        self._probe_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gallery-probe")
+        self._probe: asyncio.Future | None = None
         self._opener = opener
         self.gallery: GalleryStore | None = None
 
@@ -54,13 +58,39 @@ class GalleryWorker:
         assert gallery is not None, "gallery is not open"
         loop = asyncio.get_running_loop()
         # In the caller's context: the store records which key asked (gallery.audit.CALLER).
-        return await loop.run_in_executor(self._executor, contextvars.copy_context().run, fn, gallery)
+        future = loop.run_in_executor(self._executor, contextvars.copy_context().run, fn, gallery)
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            # Cancelled (shutdown past its graceful timeout) during a gallery call: the call
+            # is never abandoned halfway, or a write could commit under a 503. It ends within
+            # its own deadline; its request then goes on and answers what it did.
+            await asyncio.wait([future])
+            asyncio.current_task().uncancel()  # type: ignore[union-attr]
+            return future.result()
+
+    async def probe(self, timeout_s: float) -> dict[str, Any] | None:
+        """The gallery's stats if it answers within ``timeout_s``, else None. A probe still
+        running is awaited rather than doubled; its own deadline (the PostgreSQL gallery's
+        ``timeout_s``) ends it."""
+        gallery = self.gallery
+        if gallery is None:
+            return None
+        if self._probe is None or self._probe.done():
+            probe = asyncio.get_running_loop().run_in_executor(self._probe_executor, gallery.stats)
+            probe.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved
+            self._probe = probe
+        try:
+            return await asyncio.wait_for(asyncio.shield(self._probe), timeout_s)
+        except (TimeoutError, GalleryUnavailable):
+            return None
 
     async def close(self) -> None:
         if self.gallery is not None:
             gallery, self.gallery = self.gallery, None
             await asyncio.get_running_loop().run_in_executor(self._executor, gallery.close)
         self._executor.shutdown(wait=True)
+        self._probe_executor.shutdown(wait=False)
 
 
 @dataclass
@@ -98,11 +128,14 @@ class Services:
             stats = await self.gallery.call(lambda g: g.stats())
         except GalleryUnavailable:
             return {}
+        self.record_gallery_size(stats)
+        return stats
+
+    def record_gallery_size(self, stats: dict[str, Any]) -> None:
         self.metrics.set_gallery_size(
             int(stats.get("identities", 0)), int(stats.get("templates", 0)),
             int(stats.get("quarantined_templates", 0)),
         )
-        return stats
 
 
 def _detector_factory(settings: Settings, geometry: Geometry) -> Callable[[], Any]:
@@ -182,6 +215,7 @@ async def start_services(settings: Settings, metrics: ServerMetrics) -> Services
             keep_crops=settings.keep_crops,
             geometry=bundle.geometry,
             pool_size=settings.gallery_pool_size,
+            timeout_s=settings.gallery_timeout_s,
             sealer=gallery_sealer(settings),
         ),
         workers=max(1, settings.gallery_pool_size - 1),

@@ -35,6 +35,11 @@ class Settings(BaseSettings):
         5, ge=2, le=100, description="PostgreSQL gallery: connections per replica (gallery "
         "threads + 1 for catching up; a LISTEN connection comes on top)",
     )
+    gallery_timeout_s: float = Field(
+        2.0, gt=0, le=60, description="PostgreSQL gallery: the most one use of the database "
+        "may take, waiting for a connection included (statement_timeout, and a client-side "
+        "cut for a database that answers nothing); past it 503 gallery_unavailable",
+    )
     api_key: str | None = Field(None, description="X-API-Key required on /v1 when set")
     admin_key: str | None = Field(
         None, description="X-Admin-Key required to enrol and delete when set"
@@ -124,6 +129,11 @@ class Settings(BaseSettings):
     )
     header_timeout_s: float = Field(10.0, gt=0, description="close a connection whose request "
                                     "headers take longer")
+    shutdown_timeout_s: float = Field(
+        10.0, gt=0, le=600, description="on SIGTERM: how long requests in flight may take to "
+        "finish; then they are answered 503 shutting_down, and the process is gone within "
+        "3 s more (docs/server.md)",
+    )
     body_timeout_s: float = Field(30.0, gt=0, description="answer 408 when a request body "
                                   "takes longer to arrive")
     max_request_bytes: int = Field(25_000_000, gt=0, description="whole request body limit")

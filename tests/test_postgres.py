@@ -219,7 +219,7 @@ def test_database_restart(url):
     is still there."""
     rng = np.random.default_rng(4)
     db = cluster()
-    with open_replica(url, pool_timeout_s=1.0) as a, open_replica(url, pool_timeout_s=1.0) as b:
+    with open_replica(url, timeout_s=1.0) as a, open_replica(url, timeout_s=1.0) as b:
         before_vectors = unit(rng, 2)
         before_vector = before_vectors[0]
         before = a.create_identity("before", embeddings=before_vectors)

@@ -8,7 +8,12 @@ from dataclasses import dataclass
 from typing import Annotated, Any
 
 import numpy as np
-from facegate.core.errors import DuplicateIdentity, FacegateError, MultipleFacesError
+from facegate.core.errors import (
+    DuplicateIdentity,
+    FacegateError,
+    MultipleFacesError,
+    UnknownIdentity,
+)
 from facegate.gallery.metadata import parse_metadata
 from facegate.server import schemas
 from facegate.server.deps import ServicesDep, require
@@ -111,9 +116,11 @@ def _check_identity_id(identity_id: str | None) -> None:
 
 
 def _exists(gallery: Any, identity_id: str) -> bool:
+    """Whether the id is taken; an unreachable gallery is 503 here, before any photo is
+    processed (not a "no" that spends the photos' time and then fails anyway)."""
     try:
         gallery.get_identity(identity_id)
-    except FacegateError:
+    except UnknownIdentity:
         return False
     return True
 

@@ -18,6 +18,7 @@ from pydantic import BaseModel, Field
 
 router = v1_router(tags=["monitoring"])
 probes = APIRouter(tags=["monitoring"])
+READY_PROBE_S = 0.8  # /readyz answers within a second, whatever the gallery database does
 
 
 @router.get(
@@ -112,26 +113,29 @@ async def healthz() -> dict[str, str]:
 @probes.get(
     "/readyz",
     response_model=schemas.Ready,
-    summary="Model, detector and gallery are loaded and the gallery index has caught up "
-    "with its database (503 until then, and while a PostgreSQL gallery is unreachable)",
+    summary="Model, detector and gallery are loaded, the gallery index has caught up "
+    "with its database and the database answers (503 until then, and while a PostgreSQL "
+    "gallery does not answer within 0.8 s)",
     responses={503: {"model": schemas.Ready}},
 )
 async def readyz(request: Request) -> JSONResponse:
     services: Services | None = request.app.state.services
     gallery = None if services is None else services.gallery.gallery
-    if services is None or gallery is None or not gallery.ready:
+    if services is None or gallery is None:
         return JSONResponse(schemas.Ready(ready=False).model_dump(), status_code=503)
-    stats = await services.refresh_gallery_size()
+    stats = await services.gallery.probe(READY_PROBE_S) if gallery.ready else None
+    if stats is not None:
+        services.record_gallery_size(stats)
     ready = schemas.Ready(
-        ready=True,
+        ready=stats is not None,
         model_id=services.bundle.model_id,
         runtime=services.embedder.runtime,
         detector=services.settings.detector,
-        gallery=True,
-        identities=stats.get("identities"),
-        templates=stats.get("templates"),
+        gallery=stats is not None,
+        identities=None if stats is None else stats.get("identities"),
+        templates=None if stats is None else stats.get("templates"),
     )
-    return JSONResponse(ready.model_dump())
+    return JSONResponse(ready.model_dump(), status_code=200 if ready.ready else 503)
 
 
 @probes.head("/metrics", include_in_schema=False, dependencies=[Depends(metrics_guard)])
