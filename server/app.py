@@ -12,6 +12,7 @@ work with no network, where FastAPI's defaults fetch them from a CDN.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -27,6 +28,7 @@ from facegate.server.middleware import (
     EnvelopeCORSMiddleware,
     RequestContextMiddleware,
 )
+from facegate.server.retention import retention_loop
 from facegate.server.routers import include_routers
 from facegate.server.services import start_services, stop_services
 from facegate.server.settings import Settings
@@ -47,10 +49,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         services = await start_services(settings, metrics)
         await audit.open()  # after the gallery, which creates the audit table
         app.state.services = services
+        retention = asyncio.create_task(retention_loop(settings, services.gallery, audit, metrics))
         try:
             yield
         finally:
             app.state.services = None
+            retention.cancel()
             await audit.close()
             await stop_services(services)
 

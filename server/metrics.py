@@ -88,6 +88,10 @@ class ServerMetrics:
             "facegate_auth_refused", "requests refused by authentication, by reason "
             "(wrong_key, locked_out, rate_limited, insufficient_scope)", ["reason"], registry=r,
         )
+        self.retention_purged = Counter(
+            "facegate_retention_purged", "records removed by retention, by kind (decisions, "
+            "crops, audit)", ["what"], registry=r,
+        )
         self.storage_faults = Counter(
             "facegate_storage_faults", "requests answered 507 storage_full or 503 "
             "resources_exhausted", ["code"], registry=r,

@@ -56,6 +56,16 @@ class Settings(BaseSettings):
         None, description="file of base64 AES-256 keys, one a line: the first seals, the others "
         "only open (rotation: `facegate gallery rotate-key`); never beside the gallery",
     )
+    retention_decisions_days: float | None = Field(
+        None, gt=0, description="delete live decision records older than this (unset: keep)"
+    )
+    retention_crops_days: float | None = Field(
+        None, gt=0, description="drop kept crops older than this (their templates stay)"
+    )
+    retention_audit_days: float | None = Field(
+        None, gt=0, description="delete audit records older than this (unset: keep)"
+    )
+    retention_interval_s: float = Field(3600.0, gt=0, description="how often retention runs")
     keys_file: Path | None = Field(
         None, description="named keys with scopes, stored hashed (`facegate keys create`)"
     )
