@@ -1,4 +1,4 @@
-"""``python -m bench --part all|pipeline|server|embedder|dlib_chip|gallery|training|scaleout`` (``make bench``)."""
+"""``python -m bench --part all|pipeline|phone|server|embedder|dlib_chip|gallery|training|scaleout`` (``make bench``)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 from bench.measure import environment
 from bench.report import load_results, render_document, write_result
 
-PARTS = ("pipeline", "server", "embedder", "dlib_chip", "gallery", "training", "scaleout")
+PARTS = ("pipeline", "phone", "server", "embedder", "dlib_chip", "gallery", "training", "scaleout")
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -144,8 +144,8 @@ def _boxes(photo: Photo, step: Step, max_face: float) -> list[tuple[Box, float]]
     else:
         image = photo.view("RGB", step.scale)
         found = DlibDetector.mmod_boxes(image, step.upsample)
-    sx, sy = image.shape[1] / photo.width, image.shape[0] / photo.height
-    return [((x1 / sx, y1 / sy, x2 / sx, y2 / sy), score) for (x1, y1, x2, y2), score in found]
+    s = image.shape[1] / photo.width  # the realised scale, one for both axes (as _downscale)
+    return [((x1 / s, y1 / s, x2 / s, y2 / s), score) for (x1, y1, x2, y2), score in found]
 
 
 def _landmarks(photo: Photo, detector: DlibDetector, box: Box, score: float) -> Located:

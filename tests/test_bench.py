@@ -112,6 +112,19 @@ def test_pipeline_part_runs_both_pipelines_on_real_photos(bench_env):
     assert "| detect |" in text and "whole verify" in text
 
 
+def test_phone_part_detects_in_phone_size_photos_beside_face_recognition(bench_env):
+    from bench import phone
+
+    result = phone.run(phone.SIZES["smoke"], bench_env)
+    cells = result["detection"]
+    for frame in ("small|as shot", "1 MP|200", "3 MP|200", "12 MP|200"):
+        assert cells[f"facegate|{frame}"]["n"] == cells[f"face_recognition|{frame}"]["n"] == 1
+    assert result["group"]["facegate|as shipped"]["faces"] == 6
+    assert result["http"]["verify"]["12 MP"]["n"] == 1
+    text = phone.markdown(result)
+    assert "| 12 MP | 200 |" in text and "verify of two small CelebA photos" in text
+
+
 def test_gallery_part_indexes_agree_with_exact_search(bench_env):
     result = gallery.run(gallery.SIZES["smoke"], bench_env)
     rows = {r["index"].split(" (")[0].split(",")[0]: r for r in result["rows"]}
