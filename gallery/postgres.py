@@ -34,7 +34,7 @@ from facegate.core.errors import DuplicateIdentity, UnknownIdentity, UnknownTemp
 from facegate.gallery.audit import CALLER, DECISIONS_PER_CALLER, best_effort, prepare_postgres
 from facegate.gallery.cache import IndexCache
 from facegate.gallery.crypto import PlainSealer, Sealer
-from facegate.gallery.integrity import Quarantine
+from facegate.gallery.integrity import Quarantine, integrity_error
 from facegate.gallery.metadata import STORE_MAX_BYTES, STORE_MAX_DEPTH, check_metadata
 from facegate.gallery.pg_deadline import LONG_READ_TIMEOUT_S, DeadlinePool
 from facegate.gallery.pg_follow import Follower, GalleryUnavailable, unavailable
@@ -288,6 +288,10 @@ class PostgresGallery(PostgresReads):
             raise
         except (psycopg.OperationalError, psycopg.InterfaceError, TimeoutError) as e:
             raise unavailable(e) from e
+        except psycopg.errors.ForeignKeyViolation:  # an unknown identity: the caller says so
+            raise
+        except psycopg.IntegrityError as e:  # a constraint no sound gallery breaks
+            raise integrity_error(e) from e
 
     @contextmanager
     def _write(self) -> Iterator[psycopg.Connection]:

@@ -118,3 +118,34 @@ def test_planted_templates_never_match_and_never_5xx_on_the_server(tmp_path, cas
         assert report.status_code == 200, report.text
         assert {q["identity_id"] for q in report.json()["quarantined"]} == {"universal", "nan"}
         assert "facegate_gallery_quarantined_templates 2.0" in c.get("/metrics").text
+
+
+def test_postgres_replicas_quarantine_planted_rows_and_name_integrity_errors(single_threaded_faiss):
+    from facegate.gallery.postgres import PostgresGallery
+    from postgres_support import cluster
+
+    rng = np.random.default_rng(3)
+    url = cluster().create_database()
+    honest = unit(rng, 2)
+    with PostgresGallery(url, model_id="m", embedding_size=DIM, poll_s=0.2) as g:
+        g.create_identity("honest", embeddings=honest)
+        with g._connection() as conn, conn.transaction():  # planted behind the replica's back
+            conn.execute("INSERT INTO identities (identity_id, metadata, created_at)"
+                         " VALUES ('x100', '{}', 0)")
+            (row_id,) = conn.execute(
+                "INSERT INTO templates (template_id, identity_id, model_id, dim, embedding,"
+                " created_at) VALUES ('t-x100', 'x100', 'm', %s, %s, 0) RETURNING row_id",
+                (DIM, (honest[0] * 100).tobytes())).fetchone()
+            conn.execute("INSERT INTO changes (op, identity_id, row_id) VALUES"
+                         " ('identity', 'x100', NULL), ('template', 'x100', %s)", (row_id,))
+        g._follower.catch_up()  # the catch-up screens the row it reads
+        assert [q.template_id for q in g.quarantined()] == ["t-x100"]
+        assert [h.identity_id for h in g.search(honest[0], k=5)] == ["honest"]
+        with pytest.raises(QuarantinedTemplates):
+            g.identity_embeddings("x100")
+        with PostgresGallery(url, model_id="m", embedding_size=DIM) as fresh:  # and the build
+            assert fresh.stats()["quarantined_templates"] == 1
+        with g._connection() as conn:
+            conn.execute("ALTER TABLE decisions ADD CONSTRAINT sane CHECK (similarity <= 1)")
+        with pytest.raises(GalleryIntegrityError, match="violates its own constraints"):
+            g.record_decision("honest", 5.0, True, "verify_identity")

@@ -6,6 +6,8 @@ and nothing acknowledged is lost. Real PostgreSQL, real server, real photos."""
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 
 import httpx
@@ -13,11 +15,15 @@ import numpy as np
 import pytest
 from facegate.gallery.pg_follow import GalleryUnavailable
 from facegate.gallery.postgres import PostgresGallery
+from facegate.server.http import SHUTDOWN_MARGIN_S
 from postgres_support import cluster, paused
 from server_support import people
 from test_scaleout import Replica, enrol
 
 DIM = 32
+# The outage lasts as long as the checks: about 3 s plus this (FACEGATE_TEST_PAUSE_S=17
+# for the 20 s pause of issue 27).
+PAUSE_TAIL_S = float(os.environ.get("FACEGATE_TEST_PAUSE_S", "2"))
 WRITE_BOUND_S = 3.0
 READY_PROBE_BOUND_S = 1.0
 RECOVERY_BOUND_S = 3.0
@@ -80,7 +86,7 @@ def until_ready(c: httpx.Client, bound_s: float) -> float:
 
 
 def assert_outage(c: httpx.Client, photos: dict[str, list[bytes]]) -> None:
-    """During an outage (as long as these checks, about 6 s): writes 503 within
+    """During an outage (as long as these checks, PAUSE_TAIL_S + about 5 s): writes 503 within
     WRITE_BOUND_S (an enrolment before any of its photos is processed), /readyz 503 within
     a second, with the model fields filled, every time it is asked."""
     (kept, _), (lost, lost_photos) = photos.items()
@@ -102,7 +108,7 @@ def assert_outage(c: httpx.Client, photos: dict[str, list[bytes]]) -> None:
     enrolled, seconds["enrol"] = timed(lambda: enrol(c, lost, lost_photos))
     assert enrolled.status_code == 503 and seconds["enrol"] <= WRITE_BOUND_S, (enrolled.text,
                                                                             seconds)
-    probe_readiness(2.0)
+    probe_readiness(PAUSE_TAIL_S)
     print("during the outage: " + ", ".join(
         f"{k} {max(v) if isinstance(v, list) else v:.2f} s" for k, v in seconds.items()))
     assert len(seconds["readyz"]) >= 3
@@ -138,3 +144,23 @@ def test_the_server_survives_a_stopped_database(replica, photos):
             db.start()
         print(f"ready {until_ready(c, RECOVERY_BOUND_S):.2f} s after the database restarted")
         assert_nothing_lost(c, photos)
+
+
+def test_sigterm_with_the_database_paused_exits_in_bounded_time(tmp_path, monkeypatch):
+    """Shutdown while the database answers nothing: the follower and the pool cannot close
+    cleanly, and the process is still gone SHUTDOWN_MARGIN_S after the graceful timeout."""
+    monkeypatch.setenv("FACEGATE_SHUTDOWN_TIMEOUT_S", "1")
+    r = Replica(cluster().create_database(), tmp_path / "replica.log")
+    r.start()
+    try:
+        with paused():
+            time.sleep(2.5)  # the follower's poll (2 s) now waits on the database (30 s deadline)
+            start = time.monotonic()
+            r.proc.send_signal(signal.SIGTERM)
+            r.proc.wait(timeout=1 + SHUTDOWN_MARGIN_S + 10)
+            exited_s = time.monotonic() - start
+        print(f"SIGTERM to exit with the database paused: {exited_s:.2f} s, "
+              f"status {r.proc.returncode}")
+        assert exited_s <= 1 + SHUTDOWN_MARGIN_S + 0.5, exited_s
+    finally:
+        r.stop()

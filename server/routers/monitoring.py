@@ -18,7 +18,7 @@ from pydantic import BaseModel, Field
 
 router = v1_router(tags=["monitoring"])
 probes = APIRouter(tags=["monitoring"])
-READY_PROBE_S = 0.8  # /readyz answers within a second, whatever the gallery database does
+READY_PROBE_S = 0.5  # /readyz answers within a second, whatever the gallery database does
 
 
 @router.get(
@@ -115,7 +115,7 @@ async def healthz() -> dict[str, str]:
     response_model=schemas.Ready,
     summary="Model, detector and gallery are loaded, the gallery index has caught up "
     "with its database and the database answers (503 until then, and while a PostgreSQL "
-    "gallery does not answer within 0.8 s)",
+    "gallery does not answer within 0.5 s)",
     responses={503: {"model": schemas.Ready}},
 )
 async def readyz(request: Request) -> JSONResponse:
