@@ -112,7 +112,9 @@ class Photo:
         x1, y1, x2, y2 = box
         side = max(x2 - x1, y2 - y1, 1.0)
         if self.format == "JPEG":
-            img = self._jpeg(self._reduction(min(1.0, face_px / side)))
+            k = self._reduction(min(1.0, face_px / side))
+            finer = [done for done in self._decoded if done <= k]  # no second decode if one will do
+            img = self._jpeg(max(finer) if finer else k)
             scale = img.width / self.width
         else:
             base, scale = self._base_rgb()

@@ -60,9 +60,10 @@ def test_the_plan_searches_by_face_size():
     # A PNG over the 4 MP budget has pixels at 0.5 scale at most: nothing finer is planned.
     assert max(s.scale for s in plan(4000, 4000, DlibDetector(), max_scale=0.5)) == 0.5
     assert [(s.finder, round(s.scale, 3), s.upsample, s.required) for s in twelve] == [
-        ("hog", 0.256, 0, True), ("hog", 0.8, 0, True), ("hog", 1.0, 0, False),
-        ("mmod", 0.256, 0, False), ("hog", 1.0, 1, False)]
-    assert twelve[1].min_face == GUARANTEED_FACE and twelve[-1].min_face == 40
+        ("hog", 0.125, 0, True), ("hog", 0.25, 0, True), ("hog", 0.8, 0, True),
+        ("hog", 1.0, 0, False), ("mmod", 0.25, 0, False), ("hog", 1.0, 1, False)]
+    assert twelve[0].min_face == 640 and twelve[2].min_face == GUARANTEED_FACE
+    assert twelve[-1].min_face == 40
     # A photo within the working size by 1.25x needs no guaranteed step: the first finds 100 px.
     assert [s.required for s in plan(1200, 900, DlibDetector(upsample=0))] == [True, False]
 
