@@ -1,21 +1,21 @@
 #!/usr/bin/env bash
 # A container engine for the image tests (tests/test_container_image.py): podman with runc,
-# and mmdebstrap to make a Debian base image where no container registry is reachable
-# (scripts/container-base.sh). Present: only the settings below. Root with apt: install
+# podman-compose for deploy/compose.yaml, and mmdebstrap to make a Debian base image where
+# no container registry is reachable (scripts/container-base.sh). Present: only the settings below. Root with apt: install
 # from the Debian mirror. Otherwise: say how. A host with a working docker needs none of it.
 set -euo pipefail
 
-if ! { command -v podman && command -v runc && command -v mmdebstrap; } >/dev/null; then
+if ! { command -v podman && command -v runc && command -v podman-compose && command -v mmdebstrap; } >/dev/null; then
     if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then
         echo "system-deps: no podman; the container image tests will skip." \
-             "Install it with: sudo apt-get install podman runc mmdebstrap"
+             "Install it with: sudo apt-get install podman runc podman-compose mmdebstrap"
         exit 0
     fi
     export DEBIAN_FRONTEND=noninteractive
     if ! apt-cache show podman >/dev/null 2>&1; then
         apt-get update -qq
     fi
-    apt-get install -y -qq podman runc mmdebstrap >/dev/null
+    apt-get install -y -qq podman runc podman-compose mmdebstrap >/dev/null
     echo "system-deps: installed $(podman --version)"
 fi
 
