@@ -85,16 +85,17 @@ class Photo:
             return 1.0
         return math.sqrt(budget / self.pixels)
 
-    def gray(self, scale: float) -> np.ndarray:
+    def gray(self, scale: float, decode_at: float | None = None) -> np.ndarray:
         """The photo's luminance at ``scale`` (<= 1) of its upright size, (H, W) uint8."""
-        return self.view("L", scale)
+        return self.view("L", scale, decode_at)
 
-    def view(self, mode: str, scale: float) -> np.ndarray:
+    def view(self, mode: str, scale: float, decode_at: float | None = None) -> np.ndarray:
         """The whole photo at ``scale`` (<= 1) of its upright size, as "L" (H, W) or "RGB"
-        (H, W, 3) uint8: the coarsest decode at least that large, then an area resize."""
+        (H, W, 3) uint8: the coarsest decode at least that large (or at least ``decode_at``,
+        a finer one a later step will reuse), then an area resize."""
         size = (max(1, round(self.width * scale)), max(1, round(self.height * scale)))
         if self.format == "JPEG":
-            source = _as(self._jpeg(self._reduction(scale)), mode)
+            source = _as(self._jpeg(self._reduction(max(scale, decode_at or 0.0))), mode)
         else:
             source, _ = self._base_rgb()
             if mode == "L":

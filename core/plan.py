@@ -161,7 +161,9 @@ def _boxes(photo: Photo, step: Step, max_face: float) -> list[tuple[Box, float]]
     """The step's boxes, in the original photo's pixels; faces over ``max_face`` (px of
     the original) were looked for by an earlier step and need not be whole in one band."""
     if step.finder == "hog":
-        image = photo.gray(step.scale)
+        # The glance scans a reduction of the working size's decode, which the next step
+        # and the crops of large faces then reuse: one entropy decode, not two.
+        image = photo.gray(step.scale, decode_at=2 * step.scale if step.glance else None)
         found = _banded_hog(image, step.upsample, largest=max_face * step.scale * 2**step.upsample)
     else:
         image = photo.view("RGB", step.scale)
