@@ -42,12 +42,14 @@ def best_effort(record: F) -> F:
 
     @functools.wraps(record)
     def wrapper(store: Any, *args: Any, **kwargs: Any) -> None:
+        from facegate.gallery.pg_follow import GalleryUnavailable  # psycopg: only when called
+
         try:
             record(store, *args, **kwargs)
         except Exception as e:
             full = getattr(e, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or (
                 isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT))
-            if not full and type(e).__name__ != "GalleryUnavailable":
+            if not full and not isinstance(e, GalleryUnavailable):
                 raise
             store.unrecorded_decisions = getattr(store, "unrecorded_decisions", 0) + 1
             if time.monotonic() - getattr(store, "_unrecorded_logged", -60.0) >= 60.0:

@@ -60,8 +60,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.action != "reembed":
         from facegate.gallery.key_cli import run_key_action
+        from facegate.server.settings import Settings
 
-        return run_key_action(args)
+        gallery = getattr(args, "gallery", None)
+        return run_key_action(args.action, Settings() if gallery is None else Settings(gallery=gallery))
     from facegate.core.bundle import load_bundle
     from facegate.core.errors import FacegateError
     from facegate.gallery.crypto import gallery_sealer

@@ -193,8 +193,7 @@ class PlainSealer:
         return None
 
     def remember(self, identity_id: str, wrapped: bytes) -> None:
-        raise SealError("this gallery is sealed: set FACEGATE_MASTER_KEY_FILE (or "
-                        "FACEGATE_MASTER_KEY) to the key it was sealed with")
+        raise SealError(f"identity {identity_id!r} is sealed and no master key is configured")
 
     def forget(self, identity_id: str) -> None:
         return None

@@ -10,21 +10,20 @@ key that no longer exists.
 
 from __future__ import annotations
 
-import argparse
 import re
 import sys
+from typing import Any
 
 
-def run_key_action(args: argparse.Namespace) -> int:
+def run_key_action(action: str, settings: Any) -> int:
+    """``settings``: the server's (gallery, master key), read by gallery/cli.py."""
     from facegate.gallery.crypto import SealError, gallery_sealer, new_master_key
     from facegate.gallery.protocol import is_postgres_url
     from facegate.gallery.sealed_rows import rotate
-    from facegate.server.settings import Settings
 
-    if args.action == "new-key":
+    if action == "new-key":
         print(new_master_key())
         return 0
-    settings = Settings() if args.gallery is None else Settings(gallery=args.gallery)
     shown = re.sub(r"//[^/@]*@", "//", str(settings.gallery))
     try:
         sealer = gallery_sealer(settings)

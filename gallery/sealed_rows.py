@@ -44,7 +44,8 @@ def prepare_postgres(conn: Any, sealer: Sealer | PlainSealer) -> int:
 def _seal_existing(db: _Db, sealer: Sealer | PlainSealer) -> int:
     if not sealer.sealing:
         if db.rows("SELECT 1 FROM identities WHERE sealed_key IS NOT NULL LIMIT 1"):
-            PlainSealer().remember("", b"")  # raises: sealed gallery, no key
+            raise SealError("this gallery is sealed: set FACEGATE_MASTER_KEY_FILE (or "
+                            "FACEGATE_MASTER_KEY) to the key it was sealed with")
         return 0
     plain = db.rows("SELECT identity_id, name, metadata FROM identities WHERE sealed_key IS NULL")
     for identity_id, name, metadata in plain:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 
 import pytest
 from facegate.server.abuse import AuthFailures, RateLimiter
@@ -162,3 +163,27 @@ def test_one_caller_cannot_fill_an_identitys_live_decisions(tmp_path):
                 CALLER.reset(token)
         kept = g.decisions()["p"]
     assert len(kept) == DECISIONS_PER_CALLER + 5 and sum(a for _, a in kept) == 5
+
+
+def test_open_connections_are_capped(tmp_path):
+    """FACEGATE_MAX_CONNECTIONS on a real `facegate serve`: past the cap, 503 at once."""
+    import socket
+
+    import httpx
+    from server_support import free_port, start_server
+
+    port = free_port()
+    proc = start_server(default_bundle(), tmp_path / "g.sqlite", port,
+                        env={"FACEGATE_MAX_CONNECTIONS": "3"})
+    try:
+        idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(2)]
+        time.sleep(0.3)
+        with httpx.Client() as c:  # a third connection: over the cap
+            assert c.get(f"http://127.0.0.1:{port}/healthz").status_code == 503
+        for s in idle:
+            s.close()
+        time.sleep(0.3)
+        assert httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)

@@ -71,6 +71,13 @@ const PLAIN = {
   forbidden: (m) => (/Admin/i.test(m)
     ? ["Wrong admin key", "The server refused the admin key. Check it under “API keys” at the top."]
     : ["Wrong API key", "The server refused the key. Check it under “API keys” at the top."]),
+  insufficient_scope: () => ["This key may not do that",
+    "Its scopes do not cover this action (a verify key never enrols or deletes). Use a key with the right scope."],
+  auth_locked_out: () => ["Too many wrong keys from here",
+    "The server locked this client out for a minute. Check the key, wait, then retry."],
+  rate_limited: () => ["Too many requests with this key", "Wait a moment and try again."],
+  storage_full: () => ["The server's disk is full",
+    "Nothing was saved. Verify and search still work; ask the operator to free space."],
   duplicate_identity: () => ["That identity id is taken",
     "Choose another id, or delete the existing identity first."],
   unknown_identity: () => ["No such identity", "It may have been deleted. Refresh the list."],
