@@ -115,4 +115,13 @@ def test_fault_kinds_are_told_apart():
     except RuntimeError as e:
         assert storage_fault(e).code == "storage_full"
     assert storage_fault(OSError(24, "Too many open files")).status == 503
+    import psycopg
+    from facegate.gallery.pg_follow import unavailable
+
+    disk_full = psycopg.errors.DiskFull("could not extend file")
+    try:  # PostgreSQL's disk_full, as the store raises it (GalleryUnavailable from it)
+        raise unavailable(disk_full) from disk_full
+    except Exception as e:
+        assert storage_fault(e).code == "storage_full"
+    assert storage_fault(unavailable(OSError("connection refused"))) is None
     assert storage_fault(sqlite3.OperationalError("no such table")) is None

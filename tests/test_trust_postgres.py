@@ -61,15 +61,16 @@ def test_postgres_holds_only_ciphertext_of_a_deleted_identity(url, tmp_path):
     """After the delete, neither the data directory (heap, TOAST, pg_wal) nor a pg_dump
     holds the name, metadata, crop or vector in the clear; the dump has not even its
     ciphertext or wrapped key. (What the heap and WAL keep is sealed under the master
-    key until it is rotated out: docs/server.md.)"""
+    key until it is rotated out, as the end of this test shows: docs/deploy.md.)"""
     import base64
     import os
     import subprocess
 
     import psycopg
     from facegate.core.align import ARCFACE_112
-    from facegate.gallery.crypto import Sealer
+    from facegate.gallery.crypto import Sealer, SealError
     from facegate.gallery.records import encode_png
+    from facegate.gallery.sealed_rows import rotate
 
     master = os.urandom(32)
     name, badge = "Yorick Rarename-0420", "ZK-55501-badge"
@@ -84,6 +85,7 @@ def test_postgres_holds_only_ciphertext_of_a_deleted_identity(url, tmp_path):
         assert g.get_identity("y").name == name and g.search(v[0], 1)[0].identity_id == "y"
         with psycopg.connect(url, autocommit=True) as conn:
             (sealed,) = conn.execute("SELECT embedding FROM templates WHERE identity_id = 'y'").fetchone()
+            (wrapped,) = conn.execute("SELECT sealed_key FROM identities WHERE identity_id = 'y'").fetchone()
             conn.execute("CHECKPOINT")
         g.delete_identity("y")
         assert g.get_identity("z").name == "Kept Person"
@@ -99,3 +101,14 @@ def test_postgres_holds_only_ciphertext_of_a_deleted_identity(url, tmp_path):
     assert not any(s in dump for s in clear)
     assert base64.b16encode(bytes(sealed)[16:48]).lower() not in dump.lower()
     assert b"Kept Person" not in dump  # names are sealed in the dump too
+
+    # What the heap and WAL may still hold of "y" is sealed under its data key, wrapped by
+    # the master key: rotate, destroy the old key, and that wrapping opens no more.
+    new = os.urandom(32)
+    with psycopg.connect(url, autocommit=True) as conn, conn.transaction():
+        assert rotate(conn, "%s", Sealer([new, master])) == (1, 0)  # "z" re-wrapped
+    with pytest.raises(SealError):
+        Sealer([new]).remember("y", bytes(wrapped))
+    with PostgresGallery(url, model_id="m", embedding_size=DIM, poll_s=0.5,
+                         sealer=Sealer([new])) as g:
+        assert g.get_identity("z").name == "Kept Person"
