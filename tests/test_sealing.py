@@ -158,3 +158,27 @@ def test_sealed_values_are_bound_to_their_row_and_keys_kept_off_the_data(tmp_pat
     beside.write_text(base64.b64encode(os.urandom(32)).decode())
     with pytest.raises(SealError, match="beside"):
         load_sealer(master_key_file=beside, data_dir=tmp_path)
+
+
+def test_reembed_opens_sealed_crops_and_seals_the_new_vectors(tmp_path, master_key):
+    from facegate.core.align import ARCFACE_112
+
+    path = tmp_path / "g.sqlite"
+    rng = np.random.default_rng(3)
+    crop = rng.integers(0, 255, (1, 112, 112, 3), dtype=np.uint8)
+    sealer = lambda: load_sealer(master_key_file=master_key)  # noqa: E731
+    with Gallery(path, model_id="old", embedding_size=4, keep_crops=True, geometry=ARCFACE_112,
+                 sealer=sealer()) as g:
+        g.create_identity("p", name=NAME, embeddings=np.eye(4, dtype=np.float32)[:1], crops=crop)
+    seen = []
+
+    def embed(crops: np.ndarray) -> np.ndarray:
+        seen.append(crops.copy())
+        return np.eye(4, dtype=np.float32)[1:2].repeat(len(crops), axis=0)
+
+    with Gallery(path, model_id="new", embedding_size=4, keep_crops=True, geometry=ARCFACE_112,
+                 sealer=sealer()) as g:
+        assert g.reembed(embed).reembedded == 1
+        np.testing.assert_array_equal(seen[0], crop)  # the crop came back opened
+        assert g.search(np.eye(4, dtype=np.float32)[1], k=1)[0].identity_id == "p"
+    assert np.eye(4, dtype=np.float32)[1].tobytes() not in gallery_bytes(path)
