@@ -65,6 +65,9 @@ class Face:
     score: float
     landmarks: np.ndarray
     dlib5: np.ndarray | None = None
+    # The detector step that found it ("hog0", "hog1", "mmod": each later one means a
+    # harder face, which core.quality uses); None for detectors without steps (SCRFD).
+    stage: str | None = None
 
     def area(self) -> float:
         x1, y1, x2, y2 = self.box
@@ -206,12 +209,14 @@ class DlibDetector:
     def detect(self, image: np.ndarray) -> list[Face]:
         image = _check_image(image)
         small, scale = _downscale(image, self.max_side)
-        found = self._find_boxes(small)
+        found, stage = self._find_boxes(small)
         boxes = [((x1 / scale, y1 / scale, x2 / scale, y2 / scale), s) for (x1, y1, x2, y2), s in found]
-        return self.fit_landmarks(image, boxes)
+        return self.fit_landmarks(image, boxes, stage)
 
-    def fit_landmarks(self, image: np.ndarray, boxes: list[tuple[Box, float]]) -> list[Face]:
-        """A Face per (box, score) in ``image``'s pixels: the shape predictor inside each box."""
+    def fit_landmarks(self, image: np.ndarray, boxes: list[tuple[Box, float]],
+                      stage: str | None = None) -> list[Face]:
+        """A Face per (box, score) in ``image``'s pixels: the shape predictor inside each box;
+        ``stage`` names the detector step that found the boxes."""
         predictor = _DlibModels.predictor(self.landmarks)
         import dlib
 
@@ -224,19 +229,20 @@ class DlibDetector:
                 five, dlib5 = five_points_from_68(pts), pts[list(DLIB5_FROM_68)].copy()
             else:
                 five, dlib5 = arcface_from_dlib5(pts), pts
-            faces.append(Face(box=box, score=float(score), landmarks=five, dlib5=dlib5))
+            faces.append(Face(box=box, score=float(score), landmarks=five, dlib5=dlib5, stage=stage))
         faces.sort(key=Face.area, reverse=True)
         return faces
 
-    def _find_boxes(self, image: np.ndarray) -> list[tuple[Box, float]]:
+    def _find_boxes(self, image: np.ndarray) -> tuple[list[tuple[Box, float]], str]:
+        """The boxes and the step that found them (``Face.stage``)."""
         if self.boxes == "hog":
-            return self.hog_boxes(image, self.upsample)
+            return self.hog_boxes(image, self.upsample), f"hog{self.upsample}"
         if self.boxes == "hog+mmod":
             for upsample in range(self.upsample + 1):
                 found = self.hog_boxes(image, upsample)
                 if found:
-                    return found
-        return self.mmod_boxes(image, mmod_upsample(image.shape, self.upsample))
+                    return found, f"hog{upsample}"
+        return self.mmod_boxes(image, mmod_upsample(image.shape, self.upsample)), "mmod"
 
     @staticmethod
     def hog_boxes(image: np.ndarray, upsample: int) -> list[tuple[Box, float]]:

@@ -18,7 +18,13 @@ from facegate.core.bundle import Bundle
 from facegate.core.embed_tensorrt import TensorRTEmbedder, TensorRTUnavailable
 from facegate.core.errors import BundleError, FacegateError
 from facegate.core.ort_session import CPU, CUDA, default_providers, session_options
-from facegate.core.preprocess import check_crops, embed_with_flip, l2_normalise, model_input
+from facegate.core.preprocess import (
+    check_crops,
+    embed_with_flip,
+    l2_normalise,
+    mirrored,
+    model_input,
+)
 
 # l2_normalise is re-exported for callers that embed and compare (bench.dlib_chip).
 __all__ = [
@@ -26,6 +32,7 @@ __all__ = [
     "Embedder",
     "OnnxEmbedder",
     "create_embedder",
+    "embed_with_stability",
     "l2_normalise",
 ]
 
@@ -106,6 +113,21 @@ class OnnxEmbedder:
 
     def embed(self, crops: np.ndarray) -> np.ndarray:
         return embed_with_flip(self.raw, crops, self.flip)
+
+
+def embed_with_stability(embedder: Embedder, crops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``embedder.embed(crops)`` and each crop's *stability*: the cosine between the raw
+    outputs for the crop and for its mirror (``core.quality``'s strongest signal).
+
+    With ``flip`` (the server's default) the crops and mirrors are run once, as ``embed``
+    runs them, and the sum is ``embed``'s exactly; without it the mirrors cost one more
+    run, and the embedding is still the crop's alone."""
+    n = len(crops)
+    both = embedder.raw(np.concatenate([crops, mirrored(crops)]))  # type: ignore[attr-defined]
+    crop, mirror = both[:n], both[n:]
+    vectors = l2_normalise(crop + mirror if embedder.flip else crop).astype(np.float32)  # type: ignore[attr-defined]
+    a, b = l2_normalise(crop.astype(np.float64)), l2_normalise(mirror.astype(np.float64))
+    return vectors, (a * b).sum(axis=1)
 
 
 def _try_tensorrt(bundle: Bundle, flip: bool) -> Embedder | None:

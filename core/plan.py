@@ -151,7 +151,8 @@ def locate_faces(photo: Photo, detector: DlibDetector, *, budget_s: float,
         if step.glance:  # a face near the window's size at 1/8 gets a loose box: look again
             boxes = [b for b in boxes if b[1] >= GLANCE_MIN_SCORE]
         if boxes:
-            located = [_landmarks(photo, detector, box, score) for box, score in boxes]
+            stage = f"hog{step.upsample}" if step.finder == "hog" else "mmod"  # Face.stage
+            located = [_landmarks(photo, detector, box, score, stage) for box, score in boxes]
             located.sort(key=lambda f: f.face.area(), reverse=True)
             return located, done
     return [], done
@@ -172,12 +173,13 @@ def _boxes(photo: Photo, step: Step, max_face: float) -> list[tuple[Box, float]]
     return [((x1 / s, y1 / s, x2 / s, y2 / s), score) for (x1, y1, x2, y2), score in found]
 
 
-def _landmarks(photo: Photo, detector: DlibDetector, box: Box, score: float) -> Located:
+def _landmarks(photo: Photo, detector: DlibDetector, box: Box, score: float,
+               stage: str) -> Located:
     """Landmarks fitted on the photo's own pixels around ``box``, mapped to the original."""
     pixels, (ox, oy), scale = photo.region(box, CROP_FACE_PX)
     x1, y1, x2, y2 = box
     local_box = ((x1 - ox) * scale, (y1 - oy) * scale, (x2 - ox) * scale, (y2 - oy) * scale)
-    local = detector.fit_landmarks(pixels, [(local_box, score)])[0]
+    local = detector.fit_landmarks(pixels, [(local_box, score)], stage)[0]
     offset = np.array([ox, oy], np.float32)
     face = replace(
         local,
