@@ -55,8 +55,12 @@ class Auth:
                 f"too many failed authentications from this client; retry in {wait} s", wait,
             )
         records: list[KeyRecord] = []
-        for header, secret in (("X-API-Key", api_key), ("X-Admin-Key", admin_key)):
-            if not secret:
+        ring = self.keys
+        for header, secret, checked in (
+            ("X-API-Key", api_key, ring.api_key_set or ring.has_file),
+            ("X-Admin-Key", admin_key, ring.admin_key_set),
+        ):
+            if not secret or not checked:  # a header the server has no key for is ignored, as before
                 continue
             record = self.keys.lookup(secret)
             if record is None:

@@ -117,6 +117,10 @@ class KeyRing:
         self._reload(force=True)
 
     @property
+    def has_file(self) -> bool:
+        return self._file is not None
+
+    @property
     def configured(self) -> bool:
         """False on a server with no key at all: then every route is open (as before keys)."""
         self._reload()

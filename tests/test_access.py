@@ -187,3 +187,12 @@ def test_open_connections_are_capped(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+
+
+def test_a_key_header_the_server_has_no_key_for_is_ignored_as_before(tmp_path):
+    open_server = Settings(bundle=default_bundle(), gallery=tmp_path / "a.sqlite", cpu_workers=1)
+    with TestClient(create_app(open_server)) as c:
+        assert c.get("/v1/identities", headers={"X-Admin-Key": "x", "X-API-Key": "y"}).status_code == 200
+    api_only = open_server.model_copy(update={"gallery": tmp_path / "b.sqlite", "api_key": "k"})
+    with TestClient(create_app(api_only)) as c:
+        assert c.get("/v1/identities", headers={"X-API-Key": "k", "X-Admin-Key": "x"}).status_code == 200
