@@ -1,13 +1,14 @@
-// The console's entry point: keys, server status, and the four views as keyboard-friendly tabs.
+// The console's entry point: keys, server status, and the five views as keyboard-friendly tabs.
 
 import { keys } from "./api.js";
+import { initAudit, loadAudit } from "./audit.js";
 import { initConsistency, loadConsistency } from "./consistency.js";
 import { initGallery, refresh as refreshList } from "./gallery.js";
 import { initSearch } from "./search.js";
 import { initVerify } from "./verify.js";
 
 const $ = (id) => document.getElementById(id);
-const ON_SHOW = { gallery: refreshList, consistency: loadConsistency };
+const ON_SHOW = { gallery: refreshList, consistency: loadConsistency, audit: loadAudit };
 
 function showTab(tab, focus = false) {
   for (const other of document.querySelectorAll("[role=tab]")) {
@@ -84,6 +85,7 @@ initVerify();
 initGallery();
 initSearch();
 initConsistency();
+initAudit();
 initTabs();
 showReady();
 document.addEventListener("gallery-changed", showReady);  // the identity and template counts
