@@ -4,7 +4,7 @@ The face path is CPU-bound and runs on a few workers. First come, first served l
 one client that sends many expensive photos at once fill every worker while everyone
 else queues behind them (four uploads held detection for ~55 s, and a search sent
 meanwhile waited 42 s). :class:`FairGate` admits at most ``capacity`` photos at once and
-at most ``per_client`` of them from one client (its API key, else its address), and
+at most ``per_client`` of them from one client (its key, else its address), and
 when a worker frees up it goes to the next client in turn, not to the longest queue.
 A photo that waits longer than ``timeout_s`` is answered 503 ``busy``.
 """
@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import hashlib
 from collections import Counter, OrderedDict, deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from facegate.core.errors import FacegateError
+from facegate.server.auth import ANONYMOUS
 
-# The client the current request comes from; set once per request by the middleware.
+# The address the current request comes from; set once per request by the middleware.
 CLIENT: contextvars.ContextVar[str] = contextvars.ContextVar("facegate_client", default="")
 
 
@@ -31,10 +31,12 @@ class Busy(FacegateError):
     status = 503
 
 
-def client_key(api_key: str | None, address: str | None) -> str:
-    """Who a request counts as: its API key (hashed: no secret is kept), else its address."""
-    if api_key:
-        return "key:" + hashlib.sha256(api_key.encode()).hexdigest()[:16]
+def client_key(caller: str | None, address: str | None) -> str:
+    """Who a request counts as: the key it authenticated with (``server.auth``'s caller
+    name), else its address. Never a header as sent: the server ignores a key header it
+    has no key for, so counting one would let a client take a share per made-up key."""
+    if caller and caller != ANONYMOUS:
+        return "key:" + caller
     return "addr:" + (address or "?")
 
 

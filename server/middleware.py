@@ -14,7 +14,7 @@ import time
 import uuid
 
 from facegate.server.errors import error_body, error_response
-from facegate.server.fair import CLIENT, client_key
+from facegate.server.fair import CLIENT
 from facegate.server.metrics import ServerMetrics
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.middleware.cors import CORSMiddleware
@@ -52,8 +52,8 @@ class RequestContextMiddleware:
             return
         headers = Headers(scope=scope)
         request_id = request_id_for(headers.get(REQUEST_ID_HEADER))
-        # Who the request counts as when photos queue for the face workers (server.fair).
-        CLIENT.set(client_key(headers.get("x-api-key"), (scope.get("client") or ("?",))[0]))
+        # Where the request comes from, for the face workers' turns (server.fair).
+        CLIENT.set((scope.get("client") or ("?",))[0])
         scope.setdefault("state", {})["request_id"] = request_id
         status = 500
         started = False

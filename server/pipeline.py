@@ -29,7 +29,8 @@ import numpy as np
 from facegate.core.align import Geometry
 from facegate.core.detect import Detector
 from facegate.core.face import DEFAULT_DETECT_BUDGET_S, PreparedFace, prepare_face, prepare_faces
-from facegate.server.fair import CLIENT, FairGate
+from facegate.gallery.audit import CALLER
+from facegate.server.fair import CLIENT, FairGate, client_key
 
 __all__ = ["FacePipeline", "PreparedFace", "map_large_allocations"]
 
@@ -149,13 +150,13 @@ class FacePipeline:
 
     async def prepare(self, data: bytes, *, policy: str | None = None) -> PreparedFace:
         loop = asyncio.get_running_loop()
-        async with self.gate.slot(CLIENT.get()):
+        async with self.gate.slot(client_key(CALLER.get(), CLIENT.get())):
             return await loop.run_in_executor(self._executor, _prepare, data, policy or self.policy)
 
     async def prepare_every_face(self, data: bytes, *, max_faces: int) -> list[PreparedFace]:
         """Each face of the photo, largest first, ``max_faces`` at most (``prepare_faces``)."""
         loop = asyncio.get_running_loop()
-        async with self.gate.slot(CLIENT.get()):
+        async with self.gate.slot(client_key(CALLER.get(), CLIENT.get())):
             return await loop.run_in_executor(self._executor, _prepare_every_face, data, max_faces)
 
     async def warm_up(self) -> None:

@@ -131,7 +131,7 @@ class Settings(BaseSettings):
         "small faces in large photos are skipped past it (docs/pipeline.md)",
     )
     client_workers: int | None = Field(
-        None, ge=1, description="cpu_workers one client (API key, else address) may hold at "
+        None, ge=1, description="cpu_workers one client (its authenticated key, else address) may hold at "
         "once; default cpu_workers - 1 (at least 1)",
     )
     queue_timeout_s: float = Field(

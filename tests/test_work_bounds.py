@@ -18,7 +18,7 @@ import pytest
 from facegate.core.align import DLIB_CHIP_150
 from facegate.core.errors import FacegateError
 from facegate.core.face import make_detector, prepare_face
-from facegate.server.fair import Busy, FairGate
+from facegate.server.fair import Busy, FairGate, client_key
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -105,6 +105,12 @@ def test_fair_gate_takes_clients_in_turn_and_times_out():
         return order
 
     assert asyncio.run(scenario())[:2] == ["heavy", "light"]
+
+
+def test_a_client_is_its_authenticated_key_else_its_address():
+    # An open server ignores key headers, so a made-up one must not earn another share.
+    assert client_key("anonymous", "10.0.0.1") == client_key(None, "10.0.0.1") == "addr:10.0.0.1"
+    assert client_key("alice", "10.0.0.1") == client_key("alice", "10.0.0.2") != client_key("bob", "10.0.0.1")
 
 
 def test_a_search_is_answered_while_expensive_uploads_are_in_flight(tmp_path, celeba_index):
