@@ -83,7 +83,8 @@ class PostgresGallery(PostgresReads):
         must cover every replica's pool plus one listener each); ``timeout_s``: the most
         one use of the database may take, waiting for a connection included, before 503;
         ``start_timeout_s``: for connecting and migrating at start (GalleryUnavailable
-        past it); ``poll_s``: the catch-up read that runs even without a notification."""
+        past it); ``poll_s``: the catch-up read that runs even without a notification.
+        ``sealer``: seals names, metadata, vectors and crops at rest (gallery/crypto.py)."""
         self.url = url
         self.model_id = model_id
         self.embedding_size = embedding_size
