@@ -58,13 +58,15 @@ def test_stability_keeps_the_served_embedding_exactly(bundle, faces) -> None:
     assert ((stability > 0.5) & (stability <= 1.0)).all()
 
 
-def test_each_face_says_which_detector_step_found_it(bundle, celeba_index) -> None:
+def test_each_face_says_which_detector_step_found_it(bundle, celeba_index, celeba_root) -> None:
     detector = make_detector(bundle.geometry)
     path = celeba_index[0][0]
     full = prepare_face(path.read_bytes(), detector, bundle.geometry)
     half = prepare_face(_scaled_jpeg(path, 0.5), detector, bundle.geometry)
     assert full.face.stage == "hog0"  # an 80 px face: HOG at upsample 0 finds it
     assert half.face.stage == "hog1"  # a 40 px face needs the upsampled pass
+    hard = celeba_root / "images" / "7308" / "141226.jpg"  # HOG finds no face here
+    assert prepare_face(hard.read_bytes(), detector, bundle.geometry).face.stage == "mmod"
 
 
 def test_signals_follow_the_photo(bundle, celeba_index) -> None:
