@@ -9,6 +9,7 @@ answers the same way whichever backend holds the gallery.
 from __future__ import annotations
 
 import threading
+from collections import Counter
 
 import numpy as np
 from facegate.gallery.index import TemplateIndex
@@ -24,6 +25,8 @@ class IndexCache:
         self._lock = threading.Lock()  # guards the two dicts (the index has its own lock)
         self._rows: dict[int, tuple[str, str]] = {}  # index id -> (identity_id, template_id)
         self._names: dict[str, str | None] = {}
+        self._counts: Counter[str] = Counter()  # identity id -> indexed templates
+        self._composition: Counter[int] = Counter()  # templates -> identities with that many
 
     def __len__(self) -> int:
         return len(self.index)
@@ -38,6 +41,8 @@ class IndexCache:
         with self._lock:
             self._names = dict(names)
             self._rows = {r: (i, t) for r, i, t in rows}
+            self._counts = Counter(i for _, i, _ in rows)
+            self._composition = Counter(self._counts.values())
         self.index.build(np.array([r for r, _, _ in rows], dtype=np.int64), vectors)
 
     def set_name(self, identity_id: str, name: str | None) -> None:
@@ -55,6 +60,7 @@ class IndexCache:
             for i in fresh:
                 r, identity_id, template_id = rows[i]
                 self._rows[r] = (identity_id, template_id)
+                self._count(identity_id, +1)
         if fresh:
             ids = np.array([rows[i][0] for i in fresh], dtype=np.int64)
             self.index.add(ids, np.asarray(vectors)[fresh])
@@ -63,9 +69,32 @@ class IndexCache:
     def remove(self, row_ids: list[int]) -> bool:
         """Drop templates (unknown row ids are ignored); True when a rebuild is due."""
         with self._lock:
-            current = [r for r in row_ids if self._rows.pop(r, None) is not None]
+            current = []
+            for r in row_ids:
+                hit = self._rows.pop(r, None)
+                if hit is not None:
+                    current.append(r)
+                    self._count(hit[0], -1)
         self.index.remove(np.array(current, dtype=np.int64))
         return self.index.needs_rebuild
+
+    def composition(self) -> dict[int, int]:
+        """How many identities have n searchable templates, for each n: what an open-set
+        search's false-positive rate depends on (``core.error_model``)."""
+        with self._lock:
+            return {n: c for n, c in self._composition.items() if c > 0}
+
+    def _count(self, identity_id: str, change: int) -> None:
+        """Move one identity between composition bins (caller holds the lock)."""
+        before = self._counts[identity_id]
+        after = before + change
+        if before:
+            self._composition[before] -= 1
+        if after:
+            self._composition[after] += 1
+            self._counts[identity_id] = after
+        else:
+            del self._counts[identity_id]
 
     def search(self, query: np.ndarray, k: int) -> list[Candidate]:
         """The `k` identities whose best template is most similar to `query`, best first."""

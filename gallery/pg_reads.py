@@ -65,6 +65,10 @@ class PostgresReads:
             ).fetchall()
             return _identities(conn, open_identity_rows(self._sealer, rows)), total
 
+    def composition(self) -> dict[int, int]:
+        """{templates per identity: identities} of the searchable (current-model) templates."""
+        return self._cache.composition()
+
     def search(self, query: np.ndarray, k: int = 5) -> list[Candidate]:
         """The `k` identities whose best template is most similar to `query`, best first.
 

@@ -53,6 +53,10 @@ class SqliteReads:
         ).fetchall()
         return self._identities(db, rows), total
 
+    def composition(self) -> dict[int, int]:
+        """{templates per identity: identities} of the searchable (current-model) templates."""
+        return self._cache.composition()
+
     def search(self, query: np.ndarray, k: int = 5) -> list[Candidate]:
         """The `k` identities whose best template is most similar to `query`, best first."""
         if self._stale_templates:
