@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from facegate.core.align import Geometry, as_geometry
+from facegate.core.error_model import ErrorModel
 from facegate.core.errors import BundleError
 from facegate.core.manifest import (
     DEFAULT_GEOMETRY,
@@ -40,6 +41,7 @@ from facegate.core.manifest import (
     is_number,
     validate_manifest,
 )
+from facegate.core.quality import QualityModel
 from facegate.core.seal import (
     SEAL_KEY,
     SIGNATURE_KEY,
@@ -125,6 +127,20 @@ class Bundle:
     @property
     def threshold_provenance(self) -> str:
         return self.manifest["threshold_provenance"]
+
+    @property
+    def error_model(self) -> ErrorModel | None:
+        """What a score means for a pair, an identity and a gallery (``core.error_model``);
+        None for a bundle calibrated before error models existed."""
+        section = self.manifest.get("error_model")
+        return None if section is None else ErrorModel.from_manifest(section)
+
+    @property
+    def quality_model(self) -> QualityModel | None:
+        """How likely a face photo is to be falsely rejected (``core.quality``); None for a
+        bundle calibrated before quality models existed."""
+        section = self.manifest.get("quality_model")
+        return None if section is None else QualityModel.from_manifest(section)
 
     @property
     def geometry(self) -> Geometry:

@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from facegate.core.align import ARCFACE_112, Geometry
+from facegate.core.error_model import ErrorModel, ErrorModelError
 from facegate.core.errors import BundleError
+from facegate.core.quality import QualityModel, QualityModelError
 
 __all__ = [
     "DEFAULT_GEOMETRY",
@@ -154,6 +156,16 @@ def validate_manifest(manifest: Any) -> None:
     for section in OPTIONAL_SECTIONS:
         if section in manifest and not isinstance(manifest[section], dict):
             raise BundleError(f"manifest: '{section}' must be an object when present")
+    if "error_model" in manifest:
+        try:
+            ErrorModel.from_manifest(manifest["error_model"])
+        except ErrorModelError as exc:
+            raise BundleError(f"manifest: {exc}") from exc
+    if "quality_model" in manifest:
+        try:
+            QualityModel.from_manifest(manifest["quality_model"])
+        except QualityModelError as exc:
+            raise BundleError(f"manifest: {exc}") from exc
 
 
 def embedder_filename(manifest: dict[str, Any]) -> str:

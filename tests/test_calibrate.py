@@ -144,6 +144,31 @@ def test_cli_writes_a_new_bundle_and_leaves_the_original(embedded, crops, tmp_pa
     assert f"learned t = {bundle.threshold:.6f}" in capsys.readouterr().out
     # Re-sealed with the new threshold: another model id (galleries re-embed), same network.
     assert bundle.sealed and bundle.model_id != load_bundle(source).model_id
+    # The error model is fitted on the same data and written beside the threshold.
+    section = bundle.manifest["error_model"]
+    assert section["data"] == "celeba-crops" and section["samples"] == len(y)
+    assert section["identities"] == IDENTITIES and bundle.error_model is not None
+
+
+def test_error_model_only_keeps_the_threshold(embedded, tmp_path, capsys) -> None:
+    from facegate.core.error_model import fit_error_model
+
+    z, y, npz = embedded
+    bundle_dir = tmp_path / "bundle"
+    shutil.copytree(default_bundle(), bundle_dir)
+    before = load_bundle(bundle_dir)
+    argv = ["calibrate", str(bundle_dir), "--embeddings", str(npz), "--error-model-only"]
+    assert main(argv) == 0
+    after = load_bundle(bundle_dir)
+    assert (after.threshold, after.threshold_source) == (before.threshold,
+                                                         before.threshold_source)
+    assert after.threshold_provenance == before.threshold_provenance
+    assert after.manifest["calibration"] == before.manifest["calibration"]
+    expected, _ = fit_error_model(z, y)
+    assert after.error_model.rho == pytest.approx(expected.rho, abs=1e-9)
+    assert np.allclose(after.error_model.mean, expected.mean, atol=1e-6)
+    assert "kept" in capsys.readouterr().out
+    assert after.model_id != before.model_id  # another decision setting, another model
 
 
 def test_cli_in_place_keeps_other_files_and_fields(embedded, tmp_path) -> None:

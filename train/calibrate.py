@@ -1,5 +1,6 @@
-"""``facegate calibrate BUNDLE DATA``: learn the USS threshold of a frozen model and write it
-into the bundle.
+"""``facegate calibrate BUNDLE DATA``: learn the USS threshold of a frozen model and its
+error model (``core.error_model``: what a score means for a pair, an identity of n
+templates and a gallery of G identities), and write both into the bundle.
 
 DATA (identity sub-folders of crops or photos) is embedded with the bundle's own embedder
 (``core.embed``, the server's default horizontal-flip averaging); the threshold itself
@@ -109,7 +110,8 @@ def embed_folder(
 
 def write_calibrated_bundle(
     bundle: Any, out: str | Path | None, *, threshold: float, provenance: str,
-    calibration: dict[str, Any] | None = None,
+    calibration: dict[str, Any] | None = None, error_model: dict[str, Any] | None = None,
+    threshold_source: str = THRESHOLD_SOURCE, quality_model: dict[str, Any] | None = None,
 ) -> Any:
     """Write ``bundle`` with a new threshold (source ``uss-calibrated``) into ``out``
     (a new folder; None: in place), keeping every other manifest field and file.
@@ -129,12 +131,16 @@ def write_calibrated_bundle(
     extra = {k: v for k, v in manifest.items() if k not in _BUNDLE_ARGUMENTS}
     if calibration is not None:
         extra["calibration"] = calibration
+    if error_model is not None:
+        extra["error_model"] = error_model
+    if quality_model is not None:
+        extra["quality_model"] = quality_model
     others = [(name, entry) for name, entry in manifest["files"].items()
               if entry["role"] != "embedder"]
     write_bundle(
         target, onnx_file=bundle.onnx_path, name=manifest["name"], version=manifest["version"],
         embedding_size=manifest["embedding_size"], threshold=threshold,
-        threshold_source=THRESHOLD_SOURCE, threshold_provenance=provenance, extra=extra,
+        threshold_source=threshold_source, threshold_provenance=provenance, extra=extra,
     )
     for name, entry in others:
         meta = {k: v for k, v in entry.items() if k != "sha256"}
@@ -173,6 +179,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="embed crops without the mirror image (the server flips by default)")
     parser.add_argument("--runtime", default="auto", help="embedder runtime (see facegate serve)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--error-model-only", action="store_true",
+                        help="fit and write only the error model; keep the bundle's threshold")
+    parser.add_argument("--quality-only", action="store_true",
+                        help="fit and write only the face-quality model (core.quality) on DATA's "
+                        "photos; keep the threshold and the error model")
 
 
 def _load_embeddings(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -193,6 +204,10 @@ def _calibrate(args: argparse.Namespace) -> int:
     if args.negative_weight is not None and args.target_far is not None:
         raise CalibrationError("give --negative-weight or --target-far, not both")
     bundle = load_bundle(args.bundle)
+    if args.quality_only:
+        from facegate.train.quality_fit import calibrate_quality
+
+        return calibrate_quality(bundle, args)
     if args.embeddings is not None:
         embeddings, labels = _load_embeddings(args.embeddings)
         source = args.embeddings.name
@@ -219,6 +234,9 @@ def _calibrate(args: argparse.Namespace) -> int:
     if embeddings.ndim != 2 or embeddings.shape[1] != bundle.embedding_size:
         raise CalibrationError(f"embeddings are {embeddings.shape}, the bundle's embedding size "
                                f"is {bundle.embedding_size}")
+    error_model = error_model_section(embeddings, labels, source)
+    if args.error_model_only:
+        return _write_error_model_only(bundle, args, error_model)
     negatives = FORMS[args.form]
     weight = 1.0 if args.negative_weight is None else args.negative_weight
     if args.target_far is not None:
@@ -258,8 +276,41 @@ def _calibrate(args: argparse.Namespace) -> int:
         "previous_threshold_source": bundle.threshold_source,
     }
     written = write_calibrated_bundle(bundle, args.out, threshold=t, provenance=provenance,
-                                      calibration=calibration)
+                                      calibration=calibration, error_model=error_model)
     print(f"wrote threshold {written.threshold:.6f} ({written.threshold_source}) to {written.path}")
+    return 0
+
+
+def error_model_section(embeddings: np.ndarray, labels: np.ndarray, source: str) -> dict[str, Any]:
+    """The manifest's error_model section, fitted on DATA (training identities)."""
+    from facegate.core.error_model import fit_error_model
+
+    model, figures = fit_error_model(embeddings, labels)
+    section = model.to_manifest({
+        "data": source, **figures, "date": datetime.date.today().isoformat(),
+        "provenance": "facegate calibrate: per-probe Gaussian tails of atanh(impostor cosine) "
+        "matched to each training probe's 90% and 99% impostor quantiles, rho by one-way "
+        "ANOVA over (probe, impostor identity); docs/results.md measures it on held-out "
+        "identities",
+    })
+    print(f"error model: rho {model.rho:.3f}, {figures['representatives']} representative "
+          f"probes of {figures['samples']}; FAR at 1 / 3 / 5 templates for t = 0.95: "
+          + " / ".join(f"{model.far(0.95, n):.2e}" for n in (1, 3, 5)))
+    return section
+
+
+def _write_error_model_only(bundle: Any, args: argparse.Namespace,
+                            error_model: dict[str, Any]) -> int:
+    if args.dry_run:
+        print("dry run: nothing written")
+        return 0
+    manifest = bundle.manifest
+    written = write_calibrated_bundle(
+        bundle, args.out, threshold=bundle.threshold, provenance=manifest["threshold_provenance"],
+        calibration=manifest.get("calibration"), error_model=error_model,
+        threshold_source=bundle.threshold_source,
+    )
+    print(f"wrote the error model to {written.path} (threshold {written.threshold:.6f} kept)")
     return 0
 
 
