@@ -129,12 +129,14 @@ class FacegateClient:
         data = {"threshold": str(threshold)} if threshold is not None else None
         return self._call("POST", "/v1/verify", VerifyResponse, files=files, data=data)
 
-    def search(self, probe: Probe, *, k: int = 5) -> SearchResponse:
+    def search(self, probe: Probe, *, k: int = 5, decide: bool = True) -> SearchResponse:
+        """``decide=False``: investigation mode (candidates with estimated FPIR, no match)."""
         if isinstance(probe, Embedding):
-            body = {**_json_probe(probe, "image_b64", "embedding"), "k": k}
+            body = {**_json_probe(probe, "image_b64", "embedding"), "k": k, "decide": decide}
             return self._call("POST", "/v1/search", SearchResponse, json=body)
         files = {"image": _image(probe, "image")}
-        return self._call("POST", "/v1/search", SearchResponse, files=files, data={"k": str(k)})
+        data = {"k": str(k), "decide": "true" if decide else "false"}
+        return self._call("POST", "/v1/search", SearchResponse, files=files, data=data)
 
     def verify_identity(self, probe: Probe, identity_id: str) -> VerifyIdentityResponse:
         if isinstance(probe, Embedding):

@@ -7,7 +7,8 @@ last consistency report, by rank, cleared and re-set on each computation.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -16,6 +17,7 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 STAGE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 SIMILARITY_BUCKETS = tuple(round(-0.2 + 0.05 * i, 2) for i in range(25))  # -0.2 .. 1.0
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+IDENTITY_TEMPLATE_COUNTS = (1, 2, 3, 4, 5)  # verify-against-identity thresholds exported
 
 
 class ServerMetrics:
@@ -65,6 +67,11 @@ class ServerMetrics:
         self.gallery_quarantined = Gauge(
             "facegate_gallery_quarantined_templates", "stored templates whose vector failed the "
             "checks (never matched; listed in /v1/consistency)", registry=r,
+        )
+        self.threshold = Gauge(
+            "facegate_threshold", "similarity threshold in force per decision (search: for the "
+            "gallery's current size; identity: per template count)", ["decision", "templates"],
+            registry=r,
         )
         self.batch_size = Histogram(
             "facegate_embed_batch_size", "crops per embedder call", buckets=BATCH_BUCKETS, registry=r
@@ -121,6 +128,15 @@ class ServerMetrics:
     def observe_decision(self, route: str, similarity: float, accepted: bool) -> None:
         self.decisions.labels(route, "match" if accepted else "no_match").inc()
         self.similarity.labels(route).observe(similarity)
+
+    def watch_thresholds(self, *, pair: Callable[[], float], search: Callable[[], float],
+                         identity: Callable[[int], float]) -> None:
+        """Thresholds in force, computed at scrape time: 1:1 pairs, search of the gallery as
+        it is now, and verify-against-identity at 1..5 templates."""
+        self.threshold.labels("pair", "").set_function(pair)
+        self.threshold.labels("search", "").set_function(search)
+        for n in IDENTITY_TEMPLATE_COUNTS:
+            self.threshold.labels("identity", str(n)).set_function(partial(identity, n))
 
     def set_gallery_size(self, identities: int, templates: int, quarantined: int = 0) -> None:
         self.gallery_identities.set(identities)

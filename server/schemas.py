@@ -28,11 +28,34 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
+class FaceQuality(BaseModel):
+    """How likely the face is to be falsely rejected (core.quality, docs/server.md)."""
+
+    score: float = Field(description="1 - the bundle's estimate of the share of this face's "
+                         "genuine comparisons that fall below the served threshold; in [0, 1]")
+    components: dict[str, float] = Field(
+        description="the same estimate from one signal each: size, sharpness, brightness, "
+        "pose, stability (the face against its mirror image)")
+
+
 class FaceInfo(BaseModel):
     box: list[float] = Field(description="x1, y1, x2, y2 in image pixels", examples=[[52.0, 61.0, 148.0, 157.0]])
     score: float = Field(description="detector confidence")
     landmarks: list[list[float]] = Field(description="5 points (x, y): eyes, nose, mouth corners")
     faces_in_image: int = Field(description="faces the detector found in the photo")
+    stage: str | None = Field(None, description="detector step that found it: hog0, hog1, mmod")
+    quality: FaceQuality | None = Field(
+        None, description="recognition quality; null when the bundle has no quality model")
+
+
+class ProbeQuality(BaseModel):
+    """Whether the probe photos are good enough to decide on reliably."""
+
+    sufficient: bool = Field(description="false: a probe's quality is below min_quality, so "
+                             "the decision is unreliable (retake the photo), whatever it says")
+    score: float | None = Field(description="the lowest probe photo's quality; null for embeddings")
+    min_quality: float | None = Field(description="the operator's cut-off "
+                                      "(FACEGATE_PROBE_MIN_QUALITY); null when off")
 
 
 class Timings(BaseModel):
@@ -111,6 +134,10 @@ class ProbeJSON(BaseModel):
 
 class SearchOptions(BaseModel):
     k: int = Field(5, ge=1, le=100, description="identities to return")
+    decide: bool = Field(
+        True, description="false: investigation mode, the k best candidates with their "
+        "estimated FPIR and no match decision"
+    )
 
 
 class SearchJSON(ProbeJSON, SearchOptions):
@@ -152,10 +179,21 @@ class VerifyResponse(BaseModel):
     match: bool
     similarity: float = Field(description="cosine similarity of the two embeddings")
     threshold: float
-    threshold_source: str = Field(description="where the threshold came from (bundle or request)")
+    threshold_source: str = Field(
+        description="where the threshold came from: the bundle's provenance (its learned "
+        "threshold), error-model (at target_far), operator or request"
+    )
+    target_far: float | None = Field(description="the false-accept rate the threshold holds, "
+                                     "when it was chosen for one")
+    estimated_far: float | None = Field(
+        description="share of impostor pairs that score at least this similarity, by the "
+        "bundle's error model (null without one)"
+    )
     faces: list[FaceInfo | None] = Field(
         description="one per side, in order; null for a side sent as an embedding"
     )
+    probe_quality: ProbeQuality | None = Field(
+        None, description="whether the probe photos were good enough to decide reliably")
     timings_ms: Timings
 
 
@@ -185,9 +223,23 @@ class ImageResult(BaseModel):
     reason: ErrorDetail | None = None
 
 
+class EnrolReview(BaseModel):
+    """What enrolment review (FACEGATE_ENROL_REVIEW) made of the photos."""
+
+    mode: Literal["off", "standard", "strict"]
+    refused: int = Field(description="photos refused in this request (each says why)")
+    more_photos: int = Field(description="good photos still to take: the identity has fewer "
+                             "than FACEGATE_ENROL_TARGET_PHOTOS accepted templates")
+    advice: str | None = Field(description="what to do next, for the person enrolling")
+
+
 class EnrolResponse(BaseModel):
     identity: IdentityInfo
     images: list[ImageResult]
+    review: EnrolReview | None = None
+    templates: int = Field(description="the identity's templates now")
+    threshold: float = Field(description="verify-against-identity threshold at that count")
+    target_far: float | None = Field(description="the false-accept rate it holds")
 
 
 class IdentityList(BaseModel):
@@ -207,15 +259,37 @@ class Candidate(BaseModel):
     identity_id: str
     name: str | None
     similarity: float
-    match: bool = Field(description="similarity >= threshold")
+    match: bool | None = Field(description="similarity >= threshold; null in investigation mode")
+    estimated_fpir: float | None = Field(
+        None, description="share of people not enrolled whose best score in this gallery "
+        "reaches this similarity (error model; null without one)"
+    )
+
+
+class GallerySize(BaseModel):
+    """The gallery a search was decided against (its threshold follows its size)."""
+
+    identities: int
+    templates: int
 
 
 class SearchResponse(BaseModel):
-    decision: Literal["match", "no_match"]
+    decision: Literal["match", "no_match", "not_decided"] = Field(
+        description="not_decided: investigation mode (decide=false), candidates only"
+    )
     match: Candidate | None = Field(description="the best candidate if it passes the threshold, else null")
     candidates: list[Candidate] = Field(description="best first")
-    threshold: float
+    threshold: float | None = Field(description="open-set threshold for this gallery's size; "
+                                    "null in investigation mode")
+    threshold_source: str | None
+    target_fpir: float | None = Field(description="the false-positive identification rate the "
+                                      "threshold holds (share of unknown people 'found')")
+    estimated_fpir: float | None = Field(description="estimated FPIR of the best candidate's "
+                                         "similarity in this gallery")
+    gallery: GallerySize
     face: FaceInfo | None = Field(description="the probe's face; null when it was an embedding")
+    probe_quality: ProbeQuality | None = Field(
+        None, description="whether the probe photos were good enough to decide reliably")
     timings_ms: dict[str, float]
 
 
@@ -224,9 +298,18 @@ class VerifyIdentityResponse(BaseModel):
     identity_id: str
     similarity: float = Field(description="max over the identity's templates")
     similarities: list[float] = Field(description="one per template, in template order")
+    templates: int = Field(description="templates compared (the threshold follows this count)")
     threshold: float
     threshold_source: str
+    target_far: float | None = Field(description="the false-accept rate the threshold holds at "
+                                     "this template count")
+    estimated_far: float | None = Field(
+        description="share of impostors that score at least this similarity against an "
+        "identity with this many templates (error model; null without one)"
+    )
     face: FaceInfo | None = Field(description="the probe's face; null when it was an embedding")
+    probe_quality: ProbeQuality | None = Field(
+        None, description="whether the probe photos were good enough to decide reliably")
     timings_ms: dict[str, float]
 
 
@@ -305,8 +388,39 @@ class QuarantinedTemplate(BaseModel):
     reason: str = Field(description="what is wrong with the stored vector")
 
 
+class OperatingPointInfo(BaseModel):
+    threshold: float
+    source: str = Field(description="the bundle's provenance, error-model or operator")
+    target: float | None = Field(description="the error rate the threshold holds")
+
+
+class PairPoint(OperatingPointInfo):
+    estimated_far: float | None
+
+
+class IdentityPoint(OperatingPointInfo):
+    templates: int
+    identities: int = Field(description="enrolled identities with this many templates")
+
+
+class SearchPoint(OperatingPointInfo):
+    identities: int
+    templates: int
+    estimated_fpir: float | None
+
+
+class OperatingPoints(BaseModel):
+    """The thresholds in force: each question gets the one that holds its target rate."""
+
+    pair: PairPoint
+    identity: list[IdentityPoint]
+    search: SearchPoint
+
+
 class ConsistencyResponse(BaseModel):
     """How well one threshold serves every enrolled identity (see docs/server.md)."""
+
+    operating_points: OperatingPoints
 
     threshold: float
     target_far: float

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import partial
+from functools import cached_property, partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -22,8 +22,9 @@ import numpy as np
 from facegate.core.align import Geometry
 from facegate.core.bundle import Bundle, load_bundle
 from facegate.core.detect import create_detector
-from facegate.core.embed import Embedder, create_embedder
+from facegate.core.embed import Embedder, create_embedder, embed_with_stability
 from facegate.core.face import landmarks_for
+from facegate.core.quality import QualityModel
 from facegate.core.seal import RESEAL_HINT, BundleSealError
 from facegate.gallery.crypto import gallery_sealer
 from facegate.gallery.pg_follow import GalleryUnavailable
@@ -32,6 +33,7 @@ from facegate.server.batching import MicroBatcher
 from facegate.server.metrics import ServerMetrics
 from facegate.server.pipeline import FacePipeline, map_large_allocations
 from facegate.server.settings import Settings
+from facegate.server.thresholds import Thresholds
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -103,23 +105,37 @@ class Services:
     gallery: GalleryWorker
     metrics: ServerMetrics
 
+    @cached_property
+    def thresholds(self) -> Thresholds:
+        """The threshold of each question (pair, identity of n templates, gallery search)."""
+        return Thresholds(self.bundle, self.settings)
+
     @property
     def threshold(self) -> float:
-        """The accept threshold: the operator's FACEGATE_THRESHOLD, else the bundle's (learned t)."""
-        override = self.settings.threshold
-        return self.bundle.threshold if override is None else override
+        """The 1:1 pair threshold (``thresholds.pair()``)."""
+        return self.thresholds.pair().threshold
 
     @property
     def threshold_source(self) -> str:
-        return self.bundle.threshold_source if self.settings.threshold is None else "operator"
+        return self.thresholds.pair().source
 
     async def embed(self, crops: np.ndarray) -> tuple[np.ndarray, float]:
         """L2-normalised embeddings of ``crops`` and the seconds spent waiting for them."""
+        embeddings, _, seconds = await self.embed_with_stability(crops)
+        return embeddings, seconds
+
+    async def embed_with_stability(self, crops: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+        """Embeddings, each crop's stability (``core.quality``) and the seconds waited."""
         t0 = time.perf_counter()
-        embeddings = await self.batcher.embed(crops)
+        stacked = await self.batcher.embed(crops)
         seconds = time.perf_counter() - t0
         self.metrics.stage.labels("embed").observe(seconds)
-        return embeddings, seconds
+        return np.ascontiguousarray(stacked[:, :-1]), stacked[:, -1].copy(), seconds
+
+    @cached_property
+    def quality_model(self) -> QualityModel | None:
+        """The bundle's face-quality model (``core.quality``); None without one."""
+        return self.bundle.quality_model
 
     async def refresh_gallery_size(self) -> dict[str, Any]:
         """Gallery stats, also exported as gauges; {} while the gallery database is down
@@ -130,6 +146,20 @@ class Services:
             return {}
         self.record_gallery_size(stats)
         return stats
+
+    def watch_thresholds(self) -> None:
+        """Export the thresholds in force, read at each scrape (search's follows the
+        gallery's size, also when another replica enrols)."""
+        thresholds = self.thresholds
+
+        def search() -> float:
+            gallery = self.gallery.gallery
+            return thresholds.search(gallery.composition() if gallery else {}).threshold
+
+        self.metrics.watch_thresholds(
+            pair=lambda: thresholds.pair().threshold, search=search,
+            identity=lambda n: thresholds.identity(n).threshold,
+        )
 
     def record_gallery_size(self, stats: dict[str, Any]) -> None:
         self.metrics.set_gallery_size(
@@ -195,7 +225,7 @@ async def start_services(settings: Settings, metrics: ServerMetrics) -> Services
     )
     await pipeline.warm_up()
     batcher = MicroBatcher(
-        embedder.embed,
+        partial(_embed_stacked, embedder),
         max_batch=settings.batch_max_size,
         max_wait_ms=settings.batch_max_wait_ms,
         enabled=settings.batching,
@@ -223,7 +253,15 @@ async def start_services(settings: Settings, metrics: ServerMetrics) -> Services
     await gallery.open()
     services = Services(settings, bundle, embedder, pipeline, batcher, gallery, metrics)
     await services.refresh_gallery_size()
+    services.watch_thresholds()
     return services
+
+
+def _embed_stacked(embedder: Embedder, crops: np.ndarray) -> np.ndarray:
+    """(N, D + 1): the embeddings and, last, each crop's stability, in one array so the
+    micro-batcher hands each request its rows of both."""
+    vectors, stability = embed_with_stability(embedder, crops)
+    return np.column_stack([vectors, stability.astype(np.float32)])
 
 
 async def stop_services(services: Services) -> None:

@@ -108,6 +108,19 @@ class Settings(BaseSettings):
         "(whose face gets enrolled from a group photo is otherwise a guess)",
     )
     max_images_per_request: int = Field(16, ge=1, description="photos per enrolment request")
+    enrol_review: Literal["off", "standard", "strict"] = Field(
+        "off", description="enrolment review (docs/server.md): standard refuses photos with a "
+        "face too small, of low quality or in an extreme pose; strict also refuses an identity "
+        "conflict (a photo nearer another enrolled identity than its own, or that would make "
+        "two identities one person); off takes every photo with one face",
+    )
+    enrol_target_photos: int = Field(3, ge=1, description="good photos an identity should "
+                                     "have; enrolment answers how many more to take")
+    probe_min_quality: float | None = Field(
+        None, ge=0, le=1, description="verify and search flag a probe photo scored below this "
+        "as too poor to decide (probe_quality.sufficient=false); default: the score of the "
+        "bundle's worst 2% of calibration photos; 0: never",
+    )
     max_faces_per_image: int = Field(
         16, ge=1, description="POST /v1/embed with all_faces: the largest faces embedded per photo"
     )
@@ -174,7 +187,15 @@ class Settings(BaseSettings):
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="comma-separated allowed origins; empty = CORS off"
     )
-    target_far: float = Field(1e-3, gt=0, lt=1, description="FAR target of the consistency report")
+    target_far: float = Field(
+        0.01, gt=0, lt=1, description="false-accept rate that verify-against-identity holds at "
+        "every template count (the bundle's error model gives the threshold), also 1:1 when set "
+        "explicitly (else 1:1 uses the bundle's learned threshold), and the consistency report's",
+    )
+    target_fpir: float = Field(
+        0.01, gt=0, lt=1, description="false-positive identification rate that search holds at "
+        "the gallery's current size: the share of people not enrolled who would be 'found'",
+    )
     metrics_worst_n: int = Field(10, ge=0, description="identities exported as FRR/FAR gauges")
 
     @field_validator("api_key_scopes", mode="before")

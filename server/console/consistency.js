@@ -50,6 +50,23 @@ function summary(report) {
     ...item("ε-OPIS", report.epsilon_opis == null ? "–" : report.epsilon_opis.toExponential(2)));
 }
 
+// The threshold each question is decided at now, and the rate it holds.
+function operatingPoints(points) {
+  const holds = (p, rate) => (p.target == null ? `${p.source}` : `${rate} ${fmt.pct(p.target)} (${p.source})`);
+  const rows = [
+    ["1:1 pair", fmt.sim(points.pair.threshold), holds(points.pair, "FAR"), "–"],
+    ...points.identity.map((p) => [`Identity with ${p.templates} template${p.templates === 1 ? "" : "s"}`,
+      fmt.sim(p.threshold), holds(p, "FAR"), String(p.identities)]),
+    [`Search of the gallery (${points.search.identities} identities, ${points.search.templates} templates)`,
+      fmt.sim(points.search.threshold), holds(points.search, "FPIR"), "–"],
+  ];
+  return el("table", { id: "operating-points" },
+    el("caption", {}, "Thresholds in force: each decision holds its target error rate"),
+    el("thead", {}, el("tr", {}, ...["Decision", "Threshold", "Holds", "Identities"].map((h) => el("th", { scope: "col" }, h)))),
+    el("tbody", {}, ...rows.map((r) => el("tr", {}, el("th", { scope: "row" }, r[0]),
+      el("td", { class: "num" }, r[1]), el("td", {}, r[2]), el("td", { class: "num" }, r[3])))));
+}
+
 function rateChart(rows) {
   const scale = Math.max(0.05, ...rows.map((r) => Math.max(r.frr ?? 0, r.far ?? 0)));
   return el("figure", { class: "chart", id: "chart-rates" },
@@ -157,6 +174,7 @@ async function load() {
     const more = rows.length > SHOWN ? el("p", { class: "muted small" }, `The ${SHOWN} worst of ${rows.length} identities are charted; the table lists all.`) : null;
     fill($("consistency-result"),
       summary(report),
+      el("div", { class: "scroll" }, operatingPoints(report.operating_points)),
       rows.length ? el("div", { class: "charts" }, rateChart(shown), thresholdChart(shown, report.threshold, report.target_far)) : el("p", {}, "Enrol identities (two or more photos each) to see the report."),
       more,
       rows.length ? worstTable(rows, report) : null,

@@ -14,6 +14,7 @@ function candidateRow(candidate, rank, threshold, lo) {
     el("td", {}, candidate.name || "–"),
     el("td", { class: "num" }, fmt.sim(candidate.similarity)),
     el("td", { class: "bar-cell" }, scoreBar(candidate.similarity, threshold, lo)),
+    el("td", { class: "num" }, fmt.pct(candidate.estimated_fpir)),
     el("td", {}, candidate.match ? el("span", { class: "ok" }, "match") : el("span", { class: "bad" }, "no match")));
 }
 
@@ -23,13 +24,17 @@ function render(result) {
     ? `Match: ${best.identity_id}${best.name ? ` (${best.name})` : ""}`
     : result.candidates.length ? "No match: nobody enrolled passes the threshold" : "No match: the gallery is empty";
   const lo = barStart(result.candidates.map((c) => c.similarity), result.threshold);
+  const gallery = `${result.gallery.identities} identities, ${result.gallery.templates} templates`;
   const table = el("table", { id: "search-candidates" },
     el("caption", {}, `Best ${result.candidates.length} candidates at threshold ${fmt.sim(result.threshold)}`),
-    el("thead", {}, el("tr", {}, ...["#", "Identity", "Name", "Similarity", "Against the threshold", "Decision"]
+    el("thead", {}, el("tr", {}, ...["#", "Identity", "Name", "Similarity", "Against the threshold", "Chance a stranger scores this", "Decision"]
       .map((h) => el("th", { scope: "col" }, h)))),
     el("tbody", {}, ...result.candidates.map((c, i) => candidateRow(c, i + 1, result.threshold, lo))));
   fill($("search-result"),
     el("p", { class: `decision ${best ? "ok" : "bad"}`, id: "search-decision" }, headline),
+    el("p", { class: "muted small", id: "search-assumed" },
+      `Threshold for a gallery of ${gallery}: it holds the share of people never enrolled who would be "found" (FPIR) at ${fmt.pct(result.target_fpir)}` +
+      (result.estimated_fpir == null ? "." : `; the best candidate's similarity is reached by ${fmt.pct(result.estimated_fpir)} of strangers.`)),
     el("div", { class: "scroll" }, table),
     el("p", { class: "muted small" }, `Took ${fmt.ms(result.timings_ms.total)} in all.`));
   $("search-result").hidden = false;

@@ -12,6 +12,7 @@ from typing import Annotated
 import numpy as np
 from facegate.server import schemas
 from facegate.server.deps import ServicesDep
+from facegate.server.quality import face_info
 from facegate.server.routers.common import ms, prepare_every_face, sum_timings, v1_router
 from facegate.server.routers.probes import embed_probes
 from fastapi import File, Form, UploadFile
@@ -46,8 +47,10 @@ async def embed(
         prepared = await prepare_every_face(
             services, data, "image", max_faces=services.settings.max_faces_per_image
         )
-        vectors, embed_s = await services.embed(np.stack([p.crop for p in prepared]))
-        faces = [schemas.FaceInfo(**p.face_dict()) for p in prepared]
+        vectors, stability, embed_s = await services.embed_with_stability(
+            np.stack([p.crop for p in prepared]))
+        faces = [face_info(services.quality_model, p, float(stable))
+                 for p, stable in zip(prepared, stability, strict=True)]
         timings = {stage: ms(s) for stage, s in sum_timings(prepared).items()}
         timings["embed"] = ms(embed_s)
     else:

@@ -14,11 +14,14 @@ from facegate.core.errors import (
     MultipleFacesError,
     UnknownIdentity,
 )
+from facegate.gallery import Identity
 from facegate.gallery.metadata import parse_metadata
 from facegate.server import schemas
 from facegate.server.deps import ServicesDep, require
 from facegate.server.errors import InvalidRequest, NoUsableImage, TooManyImages
 from facegate.server.pipeline import PreparedFace
+from facegate.server.quality import face_info
+from facegate.server.review import advice, review_photos
 from facegate.server.routers.common import identity_info, prepare_all, v1_router
 from facegate.server.services import Services
 from fastapi import Depends, File, Form, Query, UploadFile
@@ -78,33 +81,49 @@ class _NewTemplates:
             if item.accepted:
                 item.template_id = next(ids)
 
+    def refused(self) -> list[str]:
+        return [item.reason.code for item in self.report if item.reason is not None]
 
-async def _templates_from(services: Services, images: Sequence[UploadFile]) -> _NewTemplates:
-    """Prepare and embed the uploads by the enrolment policy; 422 if none is usable."""
+
+async def _templates_from(services: Services, images: Sequence[UploadFile],
+                          identity_id: str | None = None) -> _NewTemplates:
+    """Prepare and embed the uploads by the enrolment policy, review them
+    (``server.review``, FACEGATE_ENROL_REVIEW); 422 if none is usable."""
     results = await _prepare_uploads(services, images)
-    accepted = [r for r in results if isinstance(r, PreparedFace)]
+    prepared = [r for r in results if isinstance(r, PreparedFace)]
+    faces: dict[int, schemas.FaceInfo] = {}
+    reasons: dict[int, schemas.ErrorDetail] = {
+        i: schemas.ErrorDetail(code=r.code, message=r.message)
+        for i, r in enumerate(results) if isinstance(r, FacegateError)}
+    kept: list[int] = []
+    if prepared:
+        embeddings, stability, _ = await services.embed_with_stability(
+            np.stack([p.crop for p in prepared]))
+        rows = [i for i, r in enumerate(results) if isinstance(r, PreparedFace)]
+        refusals = await review_photos(services, identity_id, prepared, embeddings, stability)
+        for row, (i, p, stable, refusal) in enumerate(zip(rows, prepared, stability, refusals,
+                                                          strict=True)):
+            faces[i] = face_info(services.quality_model, p, float(stable))
+            if refusal is None:
+                kept.append(row)
+            else:
+                reasons[i] = schemas.ErrorDetail(code=refusal.code,
+                                                 message=f"image {i}: {refusal.message}")
     report = [
-        schemas.ImageResult(
-            index=i,
-            filename=upload.filename,
-            accepted=isinstance(result, PreparedFace),
-            face=result.face_dict() if isinstance(result, PreparedFace) else None,
-            reason=None
-            if isinstance(result, PreparedFace)
-            else schemas.ErrorDetail(code=result.code, message=result.message),
-        )
-        for i, (upload, result) in enumerate(zip(images, results, strict=True))
+        schemas.ImageResult(index=i, filename=upload.filename, accepted=i not in reasons,
+                            face=faces.get(i), reason=reasons.get(i))
+        for i, upload in enumerate(images)
     ]
-    if not accepted:
-        reasons = "; ".join(r.message for r in results if isinstance(r, FacegateError))
-        raise NoUsableImage(f"no usable image: {reasons}")
-    embeddings, _ = await services.embed(np.stack([p.crop for p in accepted]))
+    if not kept:
+        listed = "; ".join(f"{r.message} ({r.code})" for r in reasons.values())
+        raise NoUsableImage(f"no usable image: {listed}")
+    accepted = [prepared[row] for row in kept]
     stored = {
         "sources": [item.filename for item in report if item.accepted],
         "scores": [p.face.score for p in accepted],
         "crops": np.stack([p.crop for p in accepted]) if services.settings.keep_crops else None,
     }
-    return _NewTemplates(report, embeddings, stored)
+    return _NewTemplates(report, embeddings[kept], stored)
 
 
 def _check_identity_id(identity_id: str | None) -> None:
@@ -123,6 +142,20 @@ def _exists(gallery: Any, identity_id: str) -> bool:
     except UnknownIdentity:
         return False
     return True
+
+
+def _enrolled(services: Services, identity: Identity, new: _NewTemplates
+              ) -> schemas.EnrolResponse:
+    """The enrolment's answer: the identity, each photo's outcome, the threshold a
+    verify against it now uses (it follows the template count) and the review's advice."""
+    point = services.thresholds.identity(len(identity.templates))
+    settings = services.settings
+    return schemas.EnrolResponse(
+        identity=identity_info(identity), images=new.report, templates=len(identity.templates),
+        threshold=point.threshold, target_far=point.target,
+        review=advice(settings.enrol_review, new.refused(), len(identity.templates),
+                      settings.enrol_target_photos),
+    )
 
 
 @router.post(
@@ -148,7 +181,7 @@ async def enrol(
     )
     if identity_id is not None and await services.gallery.call(lambda g: _exists(g, identity_id)):
         raise DuplicateIdentity(f"identity {identity_id!r} already exists")
-    new = await _templates_from(services, images)
+    new = await _templates_from(services, images, identity_id)
     identity = await services.gallery.call(
         lambda g: g.create_identity(
             identity_id, name=name, metadata=meta, embeddings=new.embeddings, **new.stored
@@ -156,7 +189,7 @@ async def enrol(
     )
     new.attach([t.template_id for t in identity.templates])
     await services.refresh_gallery_size()
-    return schemas.EnrolResponse(identity=identity_info(identity), images=new.report)
+    return _enrolled(services, identity, new)
 
 
 @router.post(
@@ -172,14 +205,14 @@ async def add_templates(
     images: Annotated[list[UploadFile], File(description="one or more photos")],
 ) -> schemas.EnrolResponse:
     await services.gallery.call(lambda g: g.get_identity(identity_id))  # 404 before work
-    new = await _templates_from(services, images)
+    new = await _templates_from(services, images, identity_id)
     templates = await services.gallery.call(
         lambda g: g.add_templates(identity_id, new.embeddings, **new.stored)
     )
     new.attach([t.template_id for t in templates])
     identity = await services.gallery.call(lambda g: g.get_identity(identity_id))
     await services.refresh_gallery_size()
-    return schemas.EnrolResponse(identity=identity_info(identity), images=new.report)
+    return _enrolled(services, identity, new)
 
 
 @router.get(

@@ -12,6 +12,7 @@ from facegate.server import schemas
 from facegate.server.deps import ServicesDep, SettingsDep, metrics_guard
 from facegate.server.routers.common import v1_router
 from facegate.server.services import Services
+from facegate.server.thresholds import OperatingPoint
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
@@ -38,7 +39,29 @@ async def consistency(services: ServicesDep, settings: SettingsDep) -> dict[str,
     )
     services.metrics.set_consistency(report["opis"], report["worst"])
     services.metrics.gallery_quarantined.set(len(report["quarantined"]))
-    return report
+    composition = await services.gallery.call(lambda g: g.composition())
+    return {**report, "operating_points": operating_points(services, composition)}
+
+
+def operating_points(services: Services, composition: dict[int, int]) -> dict[str, Any]:
+    """The thresholds in force and the rates they hold: 1:1, identity by template count
+    (1..5 and each count enrolled now), and search of the gallery as it is."""
+    thresholds = services.thresholds
+    counts = sorted({1, 2, 3, 4, 5, *composition})
+
+    def point(p: OperatingPoint, **extra: Any) -> dict[str, Any]:
+        return {"threshold": p.threshold, "source": p.source, "target": p.target, **extra}
+
+    pair = thresholds.pair()
+    search = thresholds.search(composition)
+    return {
+        "pair": point(pair, estimated_far=thresholds.far(pair.threshold)),
+        "identity": [point(thresholds.identity(n), templates=n,
+                           identities=composition.get(n, 0)) for n in counts],
+        "search": point(search, identities=sum(composition.values()),
+                        templates=sum(n * c for n, c in composition.items()),
+                        estimated_fpir=thresholds.fpir(search.threshold, composition)),
+    }
 
 
 class ScoreBin(BaseModel):

@@ -20,6 +20,7 @@ from facegate.core.errors import FacegateError, ImageDecodeError, ModelMismatch
 from facegate.server import schemas
 from facegate.server.errors import InvalidRequest, UnsupportedBody
 from facegate.server.pipeline import PreparedFace
+from facegate.server.quality import face_info, min_probe_quality, probe_verdict
 from facegate.server.routers.common import ms, prepare_all, sum_timings
 from facegate.server.services import Services
 from fastapi import Request
@@ -36,6 +37,7 @@ class EmbeddedProbes:
     vectors: np.ndarray  # (n, D) float32 unit rows, in the probes' order
     faces: list[schemas.FaceInfo | None]  # None where the probe was an embedding
     timings_ms: dict[str, float]  # decode, detect, align (summed over photos) and embed
+    quality: schemas.ProbeQuality  # whether the photos are good enough to decide on
 
 
 def unit_vector(services: Services, embedding: schemas.Embedding, label: str) -> np.ndarray:
@@ -74,12 +76,16 @@ async def embed_probes(services: Services, probes: Sequence[tuple[str, Probe]]) 
     faces: list[schemas.FaceInfo | None] = [None] * len(probes)
     embed_s = 0.0
     if prepared:
-        embeddings, embed_s = await services.embed(np.stack([p.crop for p in prepared]))
-        for (i, _, _), face, embedding in zip(photos, prepared, embeddings, strict=True):
+        embeddings, stability, embed_s = await services.embed_with_stability(
+            np.stack([p.crop for p in prepared]))
+        for (i, _, _), face, embedding, stable in zip(photos, prepared, embeddings, stability,
+                                                      strict=True):
             vectors[i] = embedding
-            faces[i] = schemas.FaceInfo(**face.face_dict())
+            faces[i] = face_info(services.quality_model, face, float(stable))
     timings = {stage: ms(s) for stage, s in sum_timings(prepared).items()}
-    return EmbeddedProbes(np.stack(vectors), faces, {**timings, "embed": ms(embed_s)})
+    cut = min_probe_quality(services.quality_model, services.settings.probe_min_quality)
+    return EmbeddedProbes(np.stack(vectors), faces, {**timings, "embed": ms(embed_s)},
+                          probe_verdict(faces, cut))
 
 
 def _decode_b64(value: str, label: str) -> bytes:

@@ -72,7 +72,10 @@ async def verify(request: Request, services: ServicesDep) -> schemas.VerifyRespo
         similarity=decision.similarity,
         threshold=decision.threshold,
         threshold_source=decision.threshold_source,
+        target_far=decision.target,
+        estimated_far=decision.estimated_far,
         faces=embedded.faces,
+        probe_quality=embedded.quality,
         timings_ms=schemas.Timings(**embedded.timings_ms, total=ms(time.perf_counter() - start)),
     )
 
@@ -101,7 +104,8 @@ async def verify_identity(
 
     Similarity is the max over the identity's templates: one bad template (blur,
     profile) cannot drag a genuine probe below the threshold, whereas the mean would.
-    The decision is recorded for the consistency monitor."""
+    The threshold is the one that holds `FACEGATE_TARGET_FAR` for an identity with this
+    many templates. The decision is recorded for the consistency monitor."""
     start = time.perf_counter()
     identity_id, probe = await _identity_inputs(request)
     templates = await decisions.identity_templates(services, identity_id)
@@ -114,8 +118,12 @@ async def verify_identity(
         identity_id=identity_id,
         similarity=decision.similarity,
         similarities=[float(s) for s in similarities],
+        templates=len(similarities),
         threshold=decision.threshold,
         threshold_source=decision.threshold_source,
+        target_far=decision.target,
+        estimated_far=decision.estimated_far,
         face=embedded.faces[0],
+        probe_quality=embedded.quality,
         timings_ms={**embedded.timings_ms, "total": ms(time.perf_counter() - start)},
     )
