@@ -14,7 +14,8 @@ from pathlib import Path
 from bench.measure import environment
 from bench.report import load_results, render_document, write_result
 
-PARTS = ("pipeline", "phone", "server", "embedder", "dlib_chip", "gallery", "training", "scaleout")
+PARTS = ("pipeline", "phone", "server", "embedder", "dlib_chip", "gallery", "decisions", "training",
+         "scaleout")
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -18,7 +18,7 @@ from server_support import default_bundle
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # `bench` is a top-level folder run as `python -m bench`
 
-from bench import gallery, gallery_data, pipeline, server, training  # noqa: E402
+from bench import decisions, gallery, gallery_data, pipeline, server, training  # noqa: E402
 from bench.__main__ import main  # noqa: E402
 from bench.measure import environment, summarise, time_calls  # noqa: E402
 
@@ -123,6 +123,21 @@ def test_phone_part_detects_in_phone_size_photos_beside_face_recognition(bench_e
     assert result["http"]["verify"]["12 MP"]["n"] == 1
     text = phone.markdown(result)
     assert "| 12 MP | 200 |" in text and "verify of two small CelebA photos" in text
+
+
+def test_decisions_part_serves_held_out_folds_and_extrapolates(bench_env):
+    """Real server per fold, thresholds equal to the offline model's, synthetic galleries."""
+    result = decisions.run(decisions.SIZES["smoke"], bench_env)
+    fold = result["http"][0]
+    assert [r["gallery"] for r in fold["sizes"]] == decisions.SIZES["smoke"]["galleries"]
+    assert fold["threshold_gap_max"] < 1e-6
+    assert all(0 <= r["fpir"] <= 1 and r["strangers"] > 0 for r in fold["sizes"])
+    thresholds = [r["threshold"] for r in fold["identity"]]
+    assert thresholds == sorted(thresholds) and len(set(thresholds)) == 3  # rise with photos
+    assert [r["gallery"] for r in result["extrapolation"]] == [300]
+    assert result["cost"]["search_us"] > 0
+    text = decisions.markdown(result)
+    assert "Pooled over the folds" in text and "| 300 |" in text
 
 
 def test_gallery_part_indexes_agree_with_exact_search(bench_env):

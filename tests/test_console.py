@@ -16,6 +16,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+from facegate.core.bundle import load_bundle
+from facegate.server.settings import Settings
+from facegate.server.thresholds import Thresholds
 from PIL import Image
 from server_support import (
     blank_png,
@@ -38,6 +41,8 @@ OTHERS = 6  # people enrolled over HTTP beforehand, so 7202 has impostors
 # With 7 people of 3 photos, an identity has about 50 impostor pairs: enough to place its
 # own threshold at FAR 5% (the default 0.1% needs 1000 pairs, a larger gallery).
 TARGET_FAR = "0.05"
+# An explicit FACEGATE_TARGET_FAR also sets 1:1 (and every identity) from the error model.
+PAIR_T = f"{Thresholds(load_bundle(default_bundle()), Settings(target_far=0.05)).pair().threshold:.3f}"
 WAIT_S = 120
 
 pytestmark = pytest.mark.skipif(
@@ -66,7 +71,7 @@ def server(tmp_path_factory, celeba_index):
     proc = start_server(
         default_bundle(), gallery, port,
         env={"FACEGATE_API_KEY": API_KEY, "FACEGATE_ADMIN_KEY": ADMIN_KEY,
-             "FACEGATE_TARGET_FAR": TARGET_FAR},
+             "FACEGATE_TARGET_FAR": TARGET_FAR, "FACEGATE_ENROL_REVIEW": "standard"},
     )
     base = f"http://127.0.0.1:{port}"
     others = {who: paths for who, paths in people(celeba_index).items() if who != "7202"}
@@ -192,7 +197,7 @@ def test_verify_same_person_shows_match_with_faces_and_crops(page, celeba_root):
     page.click("#verify-submit")
     assert page.text("#verify-decision") == "Match"
     result = page.text("#verify-result")
-    assert "threshold 0.915" in result and "uss-calibrated" in result
+    assert f"threshold {PAIR_T}" in result and "error-model" in result
     assert "total" in result and "detect" in result
     cards = page.all("#verify-result .face-card")
     assert len(cards) == 2
@@ -221,7 +226,7 @@ def test_verify_different_people_shows_no_match(page, celeba_root):
     page.upload("#verify-image2", photo(celeba_root, OTHER))
     page.click("#verify-submit")
     assert page.text("#verify-decision") == "No match"
-    assert "< threshold 0.915" in page.text("#verify-result")
+    assert f"< threshold {PAIR_T}" in page.text("#verify-result")
     page.screenshot("verify-no-match")
 
 
@@ -267,6 +272,9 @@ def test_enrol_reports_each_photo_and_lists_the_identity(
                 insightface_group_photo)
     page.click("#enrol-submit")
     assert "Enrolled 7202: 3 of 5 photos accepted" in page.text("#enrol-result")
+    advice = page.text("#enrol-templates")
+    assert advice.startswith("3 templates: a verify against this identity now decides at 0.")
+    assert "Add 2 more photos" in advice and "FAR 5.0%" in advice
     blank_row, group_row = (r.text for r in page.all("#enrol-photos li.rejected"))
     assert "nobody.png" in blank_row and "No face found in photo 4 (nobody.png)" in blank_row
     assert "More than one face in photo 5" in group_row and "found 6" in group_row
@@ -287,6 +295,9 @@ def test_search_finds_the_enrolled_identity_first(page, celeba_root):
     first = rows[0].text
     assert first.startswith("1 7202") and first.endswith("match") and "no match" not in first
     assert all(r.text.endswith("no match") for r in rows[1:])
+    assumed = page.text("#search-assumed")
+    assert assumed.startswith(f"Threshold for a gallery of {OTHERS + 1} identities")
+    assert "(FPIR) at 1.0%" in assumed and "of strangers" in assumed
     page.screenshot("search")
 
 
@@ -312,7 +323,12 @@ def test_consistency_view_charts_every_identity(page, server):
     assert len(rows) == OTHERS + 1
     assert all(r.find_elements(page.by.CSS_SELECTOR, "td")[-1].text for r in rows)
     summary = page.text("#consistency-result .summary")
-    assert "Unified threshold t" in summary and "0.915" in summary and "OPIS" in summary
+    assert "Unified threshold t" in summary and PAIR_T in summary and "OPIS" in summary
+    points = [r.text for r in page.all("#operating-points tbody tr")]
+    assert points[0].startswith(f"1:1 pair {PAIR_T}") and "FAR 5.0% (error-model)" in points[0]
+    assert points[1].startswith(f"Identity with 1 template {PAIR_T}") and "FAR 5.0%" in points[1]
+    assert points[-1].startswith(f"Search of the gallery ({OTHERS + 1} identities")
+    assert "FPIR 1.0% (error-model)" in points[-1]
     # The fixture's live decisions plus the browser's one match against 7202.
     assert f"({len(server.live) + 1} recorded)" in page.text("#chart-live")
     matches, rejections = server.live.count(True) + 1, server.live.count(False)
@@ -374,6 +390,24 @@ def test_delete_needs_confirmation_and_removes_the_identity(page):
     page.wait.until(lambda d: not page.all("#identity-table tr[data-identity='7204']"))
     assert f"of {OTHERS} identities" in page.text("#list-summary")
     page.wait.until(lambda d: f"{OTHERS} identities" in page.text("#ready"))
+
+
+def test_enrol_review_says_why_a_photo_was_refused_and_how_many_to_take(page, celeba_root):
+    """FACEGATE_ENROL_REVIEW=standard: a shared photo scored under the bundle's worst 2%
+    (only the MMOD fallback found its face) is refused as low quality, the good one kept."""
+    page.open("gallery")
+    page.find("#enrol-id").send_keys("review-demo")
+    page.find("#enrol-name").send_keys("Review demo")
+    page.upload("#enrol-images", photo(celeba_root, "7308/039832.jpg"),
+                photo(celeba_root, "7308/141226.jpg"))
+    page.click("#enrol-submit")
+    assert "Enrolled review-demo: 1 of 2 photos accepted" in page.text("#enrol-result")
+    review = page.text("#enrol-review")
+    assert review.startswith("Review (standard): take 2 more photos: a sharp, evenly lit photo")
+    (refused,) = (r.text for r in page.all("#enrol-photos li.rejected"))
+    assert "141226.jpg" in refused and "rejected: too poor to recognise reliably" in refused
+    assert "quality 0.4" in refused and "(low_quality)" not in refused
+    page.screenshot("enrol-review")
 
 
 def test_no_script_errors_in_the_browser_console(page):

@@ -139,8 +139,15 @@ def test_enrol_on_a_is_found_on_b_and_deletes_propagate(replicas, photos, probes
             ready = c.get("/readyz").json()
             assert (ready["identities"], ready["templates"]) == (PEOPLE, 2 * PEOPLE)
             assert c.get("/v1/identities").json()["total"] == PEOPLE
+        # Search's open-set threshold follows the shared gallery's size on every replica.
+        probe = {"embedding": next(iter(probes.values())), "k": 1}
+        decided = [c.post("/v1/search", json=probe).json() for c in (ca, cb)]
+        assert [d["gallery"] for d in decided] == [{"identities": PEOPLE,
+                                                    "templates": 2 * PEOPLE}] * 2
+        assert decided[0]["threshold"] == decided[1]["threshold"]
         report = cb.get("/v1/consistency").json()
         assert report["identities"] == PEOPLE and set(report["per_identity"]) == set(photos)
+        assert report["operating_points"]["search"]["threshold"] == decided[0]["threshold"]
         metrics = cb.get("/metrics").text
         assert f"facegate_gallery_identities {PEOPLE}.0" in metrics
         # delete on B, gone from A's search
