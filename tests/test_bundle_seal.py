@@ -35,6 +35,9 @@ from test_bundle import make_bundle
 
 from facegate.cli import main
 
+# A valid quality model (the default bundle's): an invalid one is refused by validation
+# before the seal is looked at.
+QUALITY_MODEL = json.loads((default_bundle() / "manifest.json").read_text())["quality_model"]
 # A valid edit of each kind of decision setting (field named in the refusal, manifest edit).
 DECISION_EDITS = [
     ("threshold", lambda m: m.update(threshold=0.1)),
@@ -44,7 +47,7 @@ DECISION_EDITS = [
     ("output", lambda m: m["output"].update(name="features")),
     ("geometry", lambda m: m.pop("geometry")),
     ("files", lambda m: m["files"]["embedder.onnx"].update(precision="fp16")),
-    ("quality_model", lambda m: m.update(quality_model={"min_quality": 0.2})),
+    ("quality_model", lambda m: m.update(quality_model=QUALITY_MODEL)),
 ]
 
 
@@ -83,7 +86,7 @@ def test_an_edited_decision_setting_is_refused_naming_the_field(tmp_path, field,
 
 def test_absent_and_present_are_told_apart(tmp_path):
     make_bundle(tmp_path)
-    edit_manifest(tmp_path / "bundle", lambda m: m.update(quality_model={}))
+    edit_manifest(tmp_path / "bundle", lambda m: m.update(quality_model=QUALITY_MODEL))
     with pytest.raises(BundleSealError, match=r"'quality_model' \(absent when sealed, present now\)"):
         load_bundle(tmp_path / "bundle")
     # The error model is covered the same way (checked on the seal alone: core.manifest

@@ -30,7 +30,9 @@ EDITS = {
     "threshold_source": lambda m: m.update(threshold_source="operator"),
     "geometry": lambda m: m["geometry"].update(padding=0.3),
     "input": lambda m: m["input"].update(std=128.0),
-    "quality_model": lambda m: m.update(quality_model={"min_quality": 0.5}),
+    "quality_model": lambda m: m["quality_model"].update(
+        neutral_instability=m["quality_model"]["neutral_instability"] + 0.1),
+    "error_model": lambda m: m["error_model"].update(rho=0.5),
 }
 
 
