@@ -44,6 +44,11 @@ DEFAULT_INPUT: dict[str, Any] = {
 }
 DEFAULT_OUTPUT: dict[str, Any] = {"name": "embedding"}
 OPTIONAL_SECTIONS = ("training", "evaluation", "parity")
+# Optional sections that decide (core.error_model, core.quality), each parsed by its model.
+DECISION_MODELS = {
+    "error_model": (ErrorModel, ErrorModelError),
+    "quality_model": (QualityModel, QualityModelError),
+}
 # What a manifest without a "geometry" section means (every bundle written before it existed).
 DEFAULT_GEOMETRY = ARCFACE_112
 
@@ -156,16 +161,12 @@ def validate_manifest(manifest: Any) -> None:
     for section in OPTIONAL_SECTIONS:
         if section in manifest and not isinstance(manifest[section], dict):
             raise BundleError(f"manifest: '{section}' must be an object when present")
-    if "error_model" in manifest:
-        try:
-            ErrorModel.from_manifest(manifest["error_model"])
-        except ErrorModelError as exc:
-            raise BundleError(f"manifest: {exc}") from exc
-    if "quality_model" in manifest:
-        try:
-            QualityModel.from_manifest(manifest["quality_model"])
-        except QualityModelError as exc:
-            raise BundleError(f"manifest: {exc}") from exc
+    for section, (model, error) in DECISION_MODELS.items():
+        if section in manifest:
+            try:
+                model.from_manifest(manifest[section])
+            except error as exc:
+                raise BundleError(f"manifest: {exc}") from exc
 
 
 def embedder_filename(manifest: dict[str, Any]) -> str:
