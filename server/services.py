@@ -115,10 +115,6 @@ class Services:
         """The 1:1 pair threshold (``thresholds.pair()``)."""
         return self.thresholds.pair().threshold
 
-    @property
-    def threshold_source(self) -> str:
-        return self.thresholds.pair().source
-
     async def embed(self, crops: np.ndarray) -> tuple[np.ndarray, float]:
         """L2-normalised embeddings of ``crops`` and the seconds spent waiting for them."""
         embeddings, _, seconds = await self.embed_with_stability(crops)
