@@ -162,8 +162,9 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(25_000_000, gt=0, description="whole request body limit")
     threshold: float | None = Field(
         None, gt=-1.0, lt=1.0,
-        description="operator override of the bundle's threshold (e.g. one calibrated on your "
-        "own people at your target FAR); responses then say threshold_source 'operator'",
+        description="one threshold for every decision (1:1, verify against an identity, search) "
+        "instead of the bundle's learned one and its error model's; responses then say "
+        "threshold_source 'operator'",
     )
     flip: bool = Field(
         True, description="embed each crop plus its mirror image (as training validation and "
