@@ -148,6 +148,15 @@ def write_calibrated_bundle(
     return load_bundle(target)
 
 
+def write_sections(bundle: Any, out: str | Path | None, **sections: dict[str, Any]) -> Any:
+    """``bundle`` with new manifest sections (``error_model=``, ``quality_model=``), its
+    threshold, provenance and every other field kept (``--error-model-only``,
+    ``--quality-only``)."""
+    return write_calibrated_bundle(bundle, out, threshold=bundle.threshold,
+                                   provenance=bundle.threshold_provenance,
+                                   threshold_source=bundle.threshold_source, **sections)
+
+
 # ---------------------------------------------------------------- CLI
 
 
@@ -304,12 +313,7 @@ def _write_error_model_only(bundle: Any, args: argparse.Namespace,
     if args.dry_run:
         print("dry run: nothing written")
         return 0
-    manifest = bundle.manifest
-    written = write_calibrated_bundle(
-        bundle, args.out, threshold=bundle.threshold, provenance=manifest["threshold_provenance"],
-        calibration=manifest.get("calibration"), error_model=error_model,
-        threshold_source=bundle.threshold_source,
-    )
+    written = write_sections(bundle, args.out, error_model=error_model)
     print(f"wrote the error model to {written.path} (threshold {written.threshold:.6f} kept)")
     return 0
 

@@ -100,7 +100,7 @@ def calibrate_quality(bundle: Any, args: Any) -> int:
     from facegate.train.calibrate import (
         CalibrationError,
         list_identity_images,
-        write_calibrated_bundle,
+        write_sections,
     )
 
     if args.embeddings is not None:
@@ -126,12 +126,7 @@ def calibrate_quality(bundle: Any, args: Any) -> int:
     if args.dry_run:
         print("dry run: nothing written")
         return 0
-    manifest = bundle.manifest
-    written = write_calibrated_bundle(
-        bundle, args.out, threshold=bundle.threshold, provenance=manifest["threshold_provenance"],
-        calibration=manifest.get("calibration"), error_model=manifest.get("error_model"),
-        threshold_source=bundle.threshold_source, quality_model=section,
-    )
+    written = write_sections(bundle, args.out, quality_model=section)
     print(f"wrote the quality model to {written.path} (threshold {written.threshold:.6f} "
           "and error model kept)")
     return 0
