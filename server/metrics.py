@@ -11,13 +11,13 @@ from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from typing import Any
 
+from facegate.server.thresholds import REPORTED_TEMPLATE_COUNTS
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 STAGE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 SIMILARITY_BUCKETS = tuple(round(-0.2 + 0.05 * i, 2) for i in range(25))  # -0.2 .. 1.0
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
-IDENTITY_TEMPLATE_COUNTS = (1, 2, 3, 4, 5)  # verify-against-identity thresholds exported
 
 
 class ServerMetrics:
@@ -135,7 +135,7 @@ class ServerMetrics:
         it is now, and verify-against-identity at 1..5 templates."""
         self.threshold.labels("pair", "").set_function(pair)
         self.threshold.labels("search", "").set_function(search)
-        for n in IDENTITY_TEMPLATE_COUNTS:
+        for n in REPORTED_TEMPLATE_COUNTS:
             self.threshold.labels("identity", str(n)).set_function(partial(identity, n))
 
     def set_gallery_size(self, identities: int, templates: int, quarantined: int = 0) -> None:

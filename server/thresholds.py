@@ -15,13 +15,16 @@ import math
 import threading
 from dataclasses import dataclass
 
+import numpy as np
 from facegate.core.bundle import Bundle
 from facegate.core.error_model import Composition, ErrorCurves, ErrorModel
 from facegate.server.settings import Settings
 
 ERROR_MODEL_SOURCE = "error-model"
-SEARCH_CACHE = 64  # gallery compositions whose search curve is remembered
-WARM_COUNTS = range(1, 6)  # template counts tabulated at start-up, off the request path
+POINT_CACHE = 64  # (target, composition) pairs whose curve and threshold are remembered
+# Template counts tabulated at start-up (off the request path), exported as metrics and
+# listed in /v1/consistency.
+REPORTED_TEMPLATE_COUNTS = (1, 2, 3, 4, 5)
 
 
 @dataclass(frozen=True)
@@ -48,13 +51,13 @@ class Thresholds:
         self.target_far = settings.target_far
         self.target_fpir = settings.target_fpir
         self._lock = threading.Lock()
-        self._search: dict[tuple[float, tuple[tuple[int, int], ...]],
-                           tuple[OperatingPoint, object]] = {}
+        self._points: dict[tuple[float, tuple[tuple[int, int], ...]],
+                           tuple[OperatingPoint, np.ndarray]] = {}
         if self._curves is not None:
             threading.Thread(target=self._warm, name="error-model", daemon=True).start()
 
     def _warm(self) -> None:
-        for n in WARM_COUNTS:
+        for n in REPORTED_TEMPLATE_COUNTS:
             self._point({n: 1}, self.target_far)
 
     # ------------------------------------------------------------ thresholds
@@ -92,22 +95,22 @@ class Thresholds:
             return fixed
         return self._point(composition or {1: 1}, self.target_fpir)[0]
 
-    def _point(self, composition: Composition, target: float) -> tuple[OperatingPoint, object]:
+    def _point(self, composition: Composition, target: float) -> tuple[OperatingPoint, np.ndarray]:
         """The operating point and log-rate curve of a gallery composition (cached)."""
         assert self._curves is not None
         bins = tuple(sorted((int(n), int(c)) for n, c in composition.items() if n > 0 and c > 0))
         key = (target, bins)
         with self._lock:
-            hit = self._search.get(key)
+            hit = self._points.get(key)
         if hit is None:
             curve = self._curves.curve(dict(bins))
             point = OperatingPoint(self._curves.threshold(curve, target), ERROR_MODEL_SOURCE,
                                    target)
             hit = (point, curve)
             with self._lock:
-                if len(self._search) >= SEARCH_CACHE:
-                    self._search.pop(next(iter(self._search)))
-                self._search[key] = hit
+                if len(self._points) >= POINT_CACHE:
+                    self._points.pop(next(iter(self._points)))
+                self._points[key] = hit
         return hit
 
     # ------------------------------------------------------------ estimates

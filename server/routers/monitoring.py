@@ -12,7 +12,7 @@ from facegate.server import schemas
 from facegate.server.deps import ServicesDep, SettingsDep, metrics_guard
 from facegate.server.routers.common import v1_router
 from facegate.server.services import Services
-from facegate.server.thresholds import OperatingPoint
+from facegate.server.thresholds import REPORTED_TEMPLATE_COUNTS, OperatingPoint
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
@@ -47,7 +47,7 @@ def operating_points(services: Services, composition: dict[int, int]) -> dict[st
     """The thresholds in force and the rates they hold: 1:1, identity by template count
     (1..5 and each count enrolled now), and search of the gallery as it is."""
     thresholds = services.thresholds
-    counts = sorted({1, 2, 3, 4, 5, *composition})
+    counts = sorted({*REPORTED_TEMPLATE_COUNTS, *composition})
 
     def point(p: OperatingPoint, **extra: Any) -> dict[str, Any]:
         return {"threshold": p.threshold, "source": p.source, "target": p.target, **extra}
