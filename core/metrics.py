@@ -9,7 +9,7 @@ and the benchmarks all compute the same numbers. Convention everywhere: a pair i
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +30,7 @@ __all__ = [
     "pair_cosines",
     "per_identity_utilities",
     "roc_curve",
+    "split_identities",
     "tar_at_far",
     "threshold_at_far",
     "verification_pairs",
@@ -40,6 +41,19 @@ __all__ = [
 OPIS_POINTS = 101
 OPIS_EPSILON = 0.1
 OPIS_UTILITY = "f1"
+
+
+def split_identities(
+    identities: Iterable[str], test_count: int, seed: int
+) -> tuple[list[str], list[str]]:
+    """Disjoint (train, test) identity lists, each sorted; the same for the same seed (the
+    trainer's split; here, without torch, so int8 calibration can keep to training ids)."""
+    names = sorted(set(identities))
+    if not 0 <= test_count <= len(names):
+        raise ValueError(f"test_count {test_count} not in [0, {len(names)}]")
+    order = np.random.default_rng(seed).permutation(len(names))
+    test = {names[i] for i in order[:test_count]}
+    return [n for n in names if n not in test], sorted(test)
 
 
 def verification_pairs(

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from facegate.core.errors import FacegateError
 from facegate.export.parity import DEFAULT_DATA
+from facegate.export.quantize import METHODS
 
 PRECISIONS = ("fp32", "fp16", "int8")
 
@@ -34,6 +35,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     onnx.add_argument(
         "--parity-data", type=Path, default=DEFAULT_DATA, help="photo folder for parity crops"
     )
+
+    int8 = sub.add_parser("int8", help="a statically quantised (QDQ int8) copy of a bundle for "
+                          "CPUs with int8 dot products (no torch, no GPU)")
+    int8.add_argument("bundle", type=Path, help="fp32 bundle folder")
+    int8.add_argument("out_bundle", type=Path, help="new bundle folder to write")
+    int8.add_argument("--calibration", type=Path, required=True,
+                      help="identity sub-folders of the bundle's crops (facegate prepare)")
+    int8.add_argument("--holdout", type=int, default=48,
+                      help="identities the trainer's split holds out (never calibrated on)")
+    int8.add_argument("--seed", type=int, default=0, help="the split's seed")
+    int8.add_argument("--calibration-crops", type=int, default=256)
+    int8.add_argument("--parity-crops", type=int, default=64)
+    int8.add_argument("--method", choices=METHODS,
+                      default="percentile", help="how activation ranges are taken")
 
     trt = sub.add_parser("tensorrt", help="build a TensorRT engine for this GPU into a bundle")
     trt.add_argument("bundle", type=Path, help="bundle folder (from `facegate export onnx`)")
@@ -88,6 +103,19 @@ def _export(args: argparse.Namespace) -> dict:
             "parity": bundle.manifest["parity"],
             "simplification": bundle.manifest["export"]["simplification"],
         }
+    elif args.export_target == "int8":
+        from facegate.core.bundle import load_bundle
+        from facegate.export.quantize import quantize_bundle, training_crops
+
+        size = load_bundle(args.bundle).input_spec["size"]
+        calibration, parity, where = training_crops(
+            args.calibration, size, holdout=args.holdout, seed=args.seed,
+            calibration=args.calibration_crops, parity=args.parity_crops)
+        bundle = quantize_bundle(args.bundle, args.out_bundle, calibration, parity,
+                                 calibration_source=where, method=args.method)
+        summary = {"bundle": str(bundle.path), "model_id": bundle.model_id,
+                   "quantization": bundle.manifest["quantization"],
+                   "parity": bundle.manifest["parity"]}
     else:
         from facegate.export.tensorrt import export_embedder_engine
 

@@ -19,6 +19,7 @@ import cv2
 import numpy as np
 import torch
 from facegate.core.manifest import DEFAULT_INPUT
+from facegate.core.metrics import split_identities as split_identities  # the trainer's split rule
 from facegate.core.preprocess import model_input
 from facegate.train.teacher import load_vectors, teacher_filename
 from torch.utils.data import Dataset, Sampler
@@ -110,18 +111,6 @@ def load_crops(
         for i, image in enumerate(tqdm(loaded, total=len(paths), desc="load crops", disable=not progress)):
             out[i] = image
     return out
-
-
-def split_identities(
-    identities: Iterable[str], test_count: int, seed: int
-) -> tuple[list[str], list[str]]:
-    """Disjoint (train, test) identity lists, each sorted; the same for the same seed."""
-    names = sorted(set(identities))
-    if not 0 <= test_count <= len(names):
-        raise ValueError(f"test_count {test_count} not in [0, {len(names)}]")
-    order = np.random.default_rng(seed).permutation(len(names))
-    test = {names[i] for i in order[:test_count]}
-    return [n for n in names if n not in test], sorted(test)
 
 
 class PKSampler(Sampler[list[int]]):
