@@ -3,7 +3,9 @@ map and identity names that turn index hits into candidates.
 
 Both stores keep one :class:`IndexCache` as a cache of their database (SQLite updates it
 after each commit; each PostgreSQL replica from the change sequence), so search
-answers the same way whichever backend holds the gallery.
+answers the same way whichever backend holds the gallery. A rebuild reuses the IVF
+centroids it already has, or those of its `IndexFile`, where they still fit
+(`gallery.index.reusable`), and persists fresh ones.
 """
 
 from __future__ import annotations
@@ -13,14 +15,18 @@ from collections import Counter
 
 import numpy as np
 from facegate.gallery.index import TemplateIndex
+from facegate.gallery.index_file import IndexFile
 from facegate.gallery.records import Candidate
 
 
 class IndexCache:
     """Current-model templates, searchable; every method is safe from any thread."""
 
-    def __init__(self, embedding_size: int, kind: str = "flat", *, gpu: bool | None = None) -> None:
+    def __init__(self, embedding_size: int, kind: str = "flat", *, gpu: bool | None = None,
+                 index_file: IndexFile | None = None) -> None:
+        """``index_file``: where trained IVF centroids persist, so a restart skips k-means."""
         self.index = TemplateIndex(embedding_size, kind, gpu=gpu)
+        self.index_file = index_file
         self.embedding_size = embedding_size
         self._lock = threading.Lock()  # guards the two dicts (the index has its own lock)
         self._rows: dict[int, tuple[str, str]] = {}  # index id -> (identity_id, template_id)
@@ -43,7 +49,12 @@ class IndexCache:
             self._rows = {r: (i, t) for r, i, t in rows}
             self._counts = Counter(i for _, i, _ in rows)
             self._composition = Counter(self._counts.values())
-        self.index.build(np.array([r for r, _, _ in rows], dtype=np.int64), vectors)
+        trained = self.index.trained
+        if trained is None and self.index_file is not None:
+            trained = self.index_file.load()
+        self.index.build(np.array([r for r, _, _ in rows], dtype=np.int64), vectors, trained)
+        if self.index_file is not None and self.index.trained and self.index.unsaved:
+            self.index_file.save(self.index.trained)
 
     def set_name(self, identity_id: str, name: str | None) -> None:
         with self._lock:

@@ -36,6 +36,7 @@ import math
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import faiss
 import numpy as np
@@ -46,11 +47,12 @@ HNSW_EF_SEARCH = 128
 IVF_TRAIN_PER_LIST = 39
 IVF_TRAIN_SAMPLE_PER_LIST = 64  # k-means on 64 points a list: half the build time of 256, same recall
 IVF_TRAIN_ITERATIONS = 10
-IVF_LISTS_PER_SQRT = 2
+IVF_LISTS_PER_SQRT = 4
 IVF_MIN_LISTS = 4
 IVF_MAX_LISTS = 4096
-IVF_PROBE_EXPONENT = 0.67
+IVF_PROBE_EXPONENT = 0.68
 REBUILD_DELETED_SHARE = 0.2
+UNSAVED_SHARE = 0.1
 AUTO_FLAT_MAX = 50_000
 BATCH_QUERIES = 16
 
@@ -116,6 +118,27 @@ def auto_kind(n: int) -> str:
     return "flat" if n <= AUTO_FLAT_MAX or not ivf_lists(n) else "ivf"
 
 
+@dataclass(frozen=True)
+class TrainedLists:
+    """An IVF's coarse centroids (nlist, dim), the gallery size they were trained at, and
+    optionally the list of each row id (`ids`, sorted, and `lists`), so a rebuild adds the
+    rows it knows without assigning them (at 1M, assignment is as long as k-means' share)."""
+
+    centroids: np.ndarray
+    size: int
+    ids: np.ndarray | None = None
+    lists: np.ndarray | None = None
+
+
+def reusable(trained: TrainedLists, n: int, dim: int) -> bool:
+    """Whether centroids trained at ``trained.size`` vectors serve `n` as a retrain would:
+    the same dimension, and `n` within the factor of 2 of the size that triggers a
+    retrain anyway (``needs_rebuild``), so a restart keeps what a running server keeps."""
+    nlist, d = trained.centroids.shape
+    return (d == dim and nlist >= IVF_MIN_LISTS and trained.size / 2 <= n <= 2 * trained.size
+            and bool(np.isfinite(trained.centroids).all()))
+
+
 @contextmanager
 def search_threads(queries: int) -> Iterator[None]:
     """One OpenMP thread for fewer than `BATCH_QUERIES` queries, in this thread only."""
@@ -145,7 +168,11 @@ class TemplateIndex:
         self._deleted: set[int] = set()
         self._trained_size = 0
         self._built_kind = "flat" if kind == "auto" else kind
-        self._index = self._empty(np.empty((0, dim), dtype=np.float32), self._built_kind)
+        self.trainings = 0  # k-means runs, so a test can see a build that reused centroids
+        self.trained: TrainedLists | None = None
+        self.unsaved = False  # `trained` differs from what its owner last persisted
+        self._index = self._placed(self._empty(np.empty((0, dim), dtype=np.float32),
+                                               self._built_kind)[0])
         self._flat_view: tuple[np.ndarray, np.ndarray] | None = None
 
     @property
@@ -173,19 +200,41 @@ class TemplateIndex:
             return ivf_lists(total) > 0
         return total > 2 * self._trained_size
 
-    def build(self, ids: np.ndarray, vectors: np.ndarray) -> None:
-        """Replace the whole index with `vectors` (N, dim) under `ids` (N,)."""
+    def build(self, ids: np.ndarray, vectors: np.ndarray,
+              trained: TrainedLists | None = None) -> None:
+        """Replace the whole index with `vectors` (N, dim) under `ids` (N,).
+
+        `trained`: coarse centroids from an earlier training (``gallery.index_file``),
+        used instead of k-means when this build is IVF and `reusable` says they fit."""
         ids, vectors = _as_ids(ids), _as_vectors(vectors, self.dim)
         kind = auto_kind(len(ids)) if self.kind == "auto" else self.kind
-        index = self._empty(vectors, kind)
-        if len(ids):
+        if kind != "ivf" or trained is None or not reusable(trained, len(ids), self.dim):
+            trained = None
+        index, lists = self._empty(vectors, kind, trained)
+        self.unsaved = False
+        if lists is not None and len(ids):
+            known = _known_lists(trained, ids) if trained is not None else None
+            assign = np.full(len(ids), -1, dtype=np.int64) if known is None else known
+            fresh = assign < 0
+            if fresh.any():
+                _, found = faiss.downcast_index(index).quantizer.search(vectors[fresh], 1)
+                assign[fresh] = found[:, 0]
+            faiss.downcast_index(index).add_core(len(ids), faiss.swig_ptr(vectors),
+                                                 faiss.swig_ptr(ids), faiss.swig_ptr(assign))
+            order = np.argsort(ids)
+            # persist again when k-means ran or a tenth of the rows had no known list
+            self.unsaved = trained is None or fresh.mean() > UNSAVED_SHARE
+            lists = TrainedLists(lists.centroids, lists.size, ids[order], assign[order])
+        elif len(ids):
             index.add_with_ids(vectors, ids)
+        index = self._placed(index)
         with self._lock.write():
             self._index = index
             self._flat_view = None
             self._built_kind = kind
             self._deleted = set()
-            self._trained_size = len(ids) if kind == "ivf" and ivf_lists(len(ids)) else 0
+            self._trained_size = lists.size if lists else 0
+            self.trained = lists
 
     def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
         ids, vectors = _as_ids(ids), _as_vectors(vectors, self.dim)
@@ -237,24 +286,40 @@ class TemplateIndex:
     def _tombstones(self) -> bool:
         return self._built_kind == "hnsw" or self.on_gpu
 
-    def _empty(self, vectors: np.ndarray, kind: str = "flat") -> faiss.Index:
-        """A fresh, empty index of `kind` for `vectors` (IVF is trained on them)."""
+    def _empty(self, vectors: np.ndarray, kind: str = "flat",
+               trained: TrainedLists | None = None) -> tuple[faiss.Index, TrainedLists | None]:
+        """A fresh, empty CPU index of `kind` for `vectors` and its coarse centroids (IVF:
+        `trained`'s, else k-means on `vectors`, counted in `trainings`)."""
         if kind == "hnsw":
             hnsw = faiss.IndexHNSWFlat(self.dim, HNSW_M, faiss.METRIC_INNER_PRODUCT)
             hnsw.hnsw.efSearch = HNSW_EF_SEARCH
-            return faiss.IndexIDMap2(hnsw)
+            return faiss.IndexIDMap2(hnsw), None
         nlist = ivf_lists(len(vectors)) if kind == "ivf" else 0
+        if trained is not None:
+            nlist = len(trained.centroids)
         index: faiss.Index
+        lists = None
         if nlist:
             quantizer = faiss.IndexFlatIP(self.dim)
             ivf = faiss.IndexIVFFlat(quantizer, self.dim, nlist, faiss.METRIC_INNER_PRODUCT)
-            ivf.cp.max_points_per_centroid = IVF_TRAIN_SAMPLE_PER_LIST
-            ivf.cp.niter = IVF_TRAIN_ITERATIONS
-            ivf.train(vectors)
+            if trained is None:
+                ivf.cp.max_points_per_centroid = IVF_TRAIN_SAMPLE_PER_LIST
+                ivf.cp.niter = IVF_TRAIN_ITERATIONS
+                ivf.train(vectors)
+                self.trainings += 1
+                lists = TrainedLists(quantizer.reconstruct_n(0, nlist), len(vectors))
+            else:
+                quantizer.add(trained.centroids)
+                ivf.is_trained = True
+                lists = TrainedLists(trained.centroids, trained.size)
             ivf.nprobe = ivf_probes(nlist)
             index = ivf
         else:
             index = faiss.IndexIDMap2(faiss.IndexFlatIP(self.dim))
+        return index, lists
+
+    def _placed(self, index: faiss.Index) -> faiss.Index:
+        """`index` itself, or its GPU copy where this index runs on the GPU."""
         return faiss.index_cpu_to_all_gpus(index) if self.on_gpu else index
 
 
@@ -288,6 +353,17 @@ def _numpy_flat_search(vectors: np.ndarray, row_ids: np.ndarray, queries: np.nda
         sims[row] = scores[top]
         ids[row] = row_ids[top]
     return sims, ids
+
+
+def _known_lists(trained: TrainedLists, ids: np.ndarray) -> np.ndarray | None:
+    """The list `trained` recorded for each of `ids`, -1 where it has none."""
+    if trained.ids is None or trained.lists is None or not len(trained.ids):
+        return None
+    at = np.minimum(np.searchsorted(trained.ids, ids), len(trained.ids) - 1)
+    known = trained.ids[at] == ids
+    out = np.where(known, trained.lists[at], -1).astype(np.int64)
+    out[(out >= len(trained.centroids))] = -1
+    return out
 
 
 def _as_ids(ids: np.ndarray) -> np.ndarray:

@@ -32,6 +32,7 @@ from facegate.core.errors import DuplicateIdentity, UnknownIdentity, UnknownTemp
 from facegate.gallery.audit import CALLER, DECISIONS_PER_CALLER, best_effort, prepare_sqlite
 from facegate.gallery.cache import IndexCache
 from facegate.gallery.crypto import PlainSealer, Sealer
+from facegate.gallery.index_file import IndexFile
 from facegate.gallery.integrity import Quarantine, integrity_error
 from facegate.gallery.metadata import STORE_MAX_BYTES, STORE_MAX_DEPTH, check_metadata
 from facegate.gallery.opening import check_sqlite_file
@@ -106,7 +107,9 @@ class Gallery(SqliteReads):
             db.execute(
                 "INSERT OR REPLACE INTO meta(key, value) VALUES ('model_id', ?)", (model_id,)
             )
-        self._cache = IndexCache(embedding_size, index, gpu=gpu)
+        index_file = IndexFile(f"{self.path}.ivf", model_id=model_id, dim=embedding_size,
+                               sealer=self._sealer)  # trained IVF centroids (index_file.py)
+        self._cache = IndexCache(embedding_size, index, gpu=gpu, index_file=index_file)
         self._index = self._cache.index
         self._quarantine = Quarantine(embedding_size, opener=self._sealer.open_vectors)
         self._stale_templates = 0
