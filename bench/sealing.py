@@ -2,8 +2,9 @@
 
 1. Store, at 100k templates (50k identities x 2, random unit vectors, SQLite): the time
    to open the gallery (every identity key unwrapped, every vector opened, the FAISS
-   index built), one enrolment (``create_identity``, sealing included), and one search,
-   plaintext against sealed, measured in alternation. The gallery file is written directly in the store's format
+   index built), one enrolment (``create_identity``, sealing included), one search and
+   one delete, plaintext against sealed and sealed with a key tree (gallery/key_tree.py),
+   measured in alternation. The gallery file is written directly in the store's format
    (the same sealer calls as the store), so building it takes seconds, not an hour of
    fsync'd enrolments.
 2. HTTP: two ``facegate serve`` on loopback, one plaintext and one with a master key,
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 from facegate.gallery.crypto import PlainSealer, Sealer
+from facegate.gallery.key_tree import KeyTreeFile
 from facegate.gallery.store import Gallery
 
 from bench.assets import REPO, photo_pairs, resolve_bundle
@@ -44,7 +46,7 @@ def build(path: Path, sealer: Sealer | PlainSealer, identities: int, per: int) -
     now = time.time()
     for i in range(identities):
         identity_id = f"id{i:06d}"
-        wrapped, key = sealer.new_key(identity_id)
+        wrapped, key = sealer.new_key(identity_id, i if sealer.tree is not None else None)
         db.execute("INSERT INTO identities (identity_id, name, metadata, created_at, sealed_key)"
                    " VALUES (?, ?, ?, ?, ?)",
                    (identity_id, sealer.seal_text(identity_id, "name", f"Person {i}", key),
@@ -57,6 +59,7 @@ def build(path: Path, sealer: Sealer | PlainSealer, identities: int, per: int) -
                        " created_at) VALUES (?, ?, 'm', ?, ?, ?)",
                        (template_id, identity_id, DIM,
                         sealer.seal(identity_id, f"embedding:{template_id}", v.tobytes(), key), now))
+    db.execute("UPDATE meta SET value = ? WHERE key = 'next_key_leaf'", (str(identities),))
     db.execute("COMMIT")
     db.close()
 
@@ -66,8 +69,12 @@ def store_part(workdir: Path, identities: int, per: int, enrolments: int, search
     """Both galleries built, then measured in alternation (opens, then enrolments and
     searches interleaved call by call), so a busy spell of the machine hits both alike."""
     master = [os.urandom(32)]
-    makers = {"plaintext": PlainSealer, "sealed": lambda: Sealer(master)}
-    paths = {mode: workdir / f"store-{mode}.sqlite" for mode in makers}
+    tree = workdir / "store.tree"
+    tree.unlink(missing_ok=True)
+    KeyTreeFile.create(tree)
+    makers = {"plaintext": PlainSealer, "sealed": lambda: Sealer(master),
+              "key tree": lambda: Sealer(master, KeyTreeFile(tree))}
+    paths = {mode: workdir / f"store-{mode.replace(' ', '-')}.sqlite" for mode in makers}
     for mode, make in makers.items():
         for suffix in ("", "-wal", "-shm"):
             Path(f"{paths[mode]}{suffix}").unlink(missing_ok=True)
@@ -75,8 +82,8 @@ def store_part(workdir: Path, identities: int, per: int, enrolments: int, search
     rng = np.random.default_rng(1)
     probes = rng.standard_normal((max(searches, enrolments), DIM)).astype(np.float32)
     probes /= np.linalg.norm(probes, axis=1, keepdims=True)
-    times: dict[str, dict[str, list[float]]] = {m: {"open": [], "enrol": [], "search": []}
-                                                for m in makers}
+    times: dict[str, dict[str, list[float]]] = {
+        m: {"open": [], "enrol": [], "search": [], "delete": []} for m in makers}
 
     def open_gallery(mode: str) -> Gallery:
         t0 = time.perf_counter()
@@ -98,11 +105,17 @@ def store_part(workdir: Path, identities: int, per: int, enrolments: int, search
             t0 = time.perf_counter()
             g.search(probe, k=5)
             times[mode]["search"].append(time.perf_counter() - t0)
+    for i in range(enrolments):  # old identities, spread over the tree
+        for mode, g in galleries.items():
+            t0 = time.perf_counter()
+            g.delete_identity(f"id{i * (identities // enrolments):06d}")
+            times[mode]["delete"].append(time.perf_counter() - t0)
     for g in galleries.values():
         g.close()
     return {mode: {"open_s": float(np.median(t["open"])), "opens_s": t["open"],
-                   "enrol": summarise(t["enrol"]), "search": summarise(t["search"]),
-                   "templates": identities * per, "identities": identities}
+                   **{what: summarise(t[what]) for what in ("enrol", "search", "delete")},
+                   "templates": identities * per, "identities": identities,
+                   **({"tree_bytes": tree.stat().st_size} if mode == "key tree" else {})}
             for mode, t in times.items()}
 
 
@@ -169,23 +182,27 @@ def http_part(workdir: Path, rounds: int) -> dict:
 
 def markdown(result: dict) -> str:
     s, h = result["store"], result["http"]
-    n = s["plaintext"]["templates"]
+    n, plain, sealed, tree = s["plaintext"]["templates"], s["plaintext"], s["sealed"], s["key tree"]
     rows = [
-        "| measured | plaintext | sealed | sealed / plaintext |",
-        "|---|---|---|---|",
-        f"| open the gallery ({n:,} templates, index built; median of 4) | {s['plaintext']['open_s']:.2f} s | "
-        f"{s['sealed']['open_s']:.2f} s | {s['sealed']['open_s'] / s['plaintext']['open_s']:.2f} |",
+        "| measured | plaintext | sealed | sealed / plaintext | sealed, key tree | key tree / plaintext |",
+        "|---|---|---|---|---|---|",
+        f"| open the gallery ({n:,} templates, index built; median of 4) | {plain['open_s']:.2f} s | "
+        f"{sealed['open_s']:.2f} s | {sealed['open_s'] / plain['open_s']:.2f} | "
+        f"{tree['open_s']:.2f} s | {tree['open_s'] / plain['open_s']:.2f} |",
     ]
-    for what, label in (("enrol", f"store enrolment at {n:,}, p50"), ("search", f"store search at {n:,}, p50")):
-        p, q = s["plaintext"][what]["p50_ms"], s["sealed"][what]["p50_ms"]
-        rows.append(f"| {label} | {p:.2f} ms | {q:.2f} ms | {q / p:.2f} |")
+    for what in ("enrol", "search", "delete"):
+        p, q, t = (m[what]["p50_ms"] for m in (plain, sealed, tree))
+        rows.append(f"| one store {what} at {n:,} templates, p50 | {p:.2f} ms | {q:.2f} ms | "
+                    f"{q / p:.2f} | {t:.2f} ms | {t / p:.2f} |")
     c = result["crypto"]
-    rows.append(f"| of which sealing: {s['sealed']['identities']:,} keys unwrapped + {n:,} vectors "
-                f"opened | | {c['unwrap_s'] + c['open_vectors_s']:.2f} s | |")
+    rows.append(f"| of which sealing: {sealed['identities']:,} keys unwrapped + {n:,} vectors "
+                f"opened | | {c['unwrap_s'] + c['open_vectors_s']:.2f} s | | | |")
+    rows.append(f"| key tree file after {tree['delete']['n']} deletes | | | | "
+                f"{tree['tree_bytes']:,} bytes | |")
     for what, label in (("enrol", "HTTP enrolment (1 photo), p50"), ("search", "HTTP search, p50")):
         p, q = h["plaintext"][what]["p50_ms"], h["sealed"][what]["p50_ms"]
         rows.append(f"| {label} (n={h['sealed'][what]['n']}) | {p:.0f} ms | {q:.0f} ms | "
-                    f"{q / p:.2f} (paired median {h['paired_ratio'][what]:.2f}) |")
+                    f"{q / p:.2f} (paired median {h['paired_ratio'][what]:.2f}) | | |")
     return "\n".join(rows)
 
 

@@ -55,6 +55,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     rotate.add_argument("--gallery", default=None, help="gallery SQLite file or postgresql:// URL")
     actions.add_parser("new-key", help="print a fresh base64 master key (keep it off the gallery's disk)")
+    tree = actions.add_parser(
+        "new-key-tree", help="write a fresh key tree (FACEGATE_KEY_TREE_FILE) for deletes "
+        "that shred at once; copy it to every replica before the first start",
+    )
+    tree.add_argument("path", type=Path, help="where to write it (must not exist)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -62,6 +67,8 @@ def run(args: argparse.Namespace) -> int:
         from facegate.gallery.key_cli import run_key_action
         from facegate.server.settings import Settings
 
+        if args.action == "new-key-tree":
+            return run_key_action(args.action, None, args.path)
         gallery = getattr(args, "gallery", None)
         return run_key_action(args.action, Settings() if gallery is None else Settings(gallery=gallery))
     from facegate.core.bundle import load_bundle

@@ -8,10 +8,14 @@ by the master key (``identities.sealed_key``), and the master key lives outside 
 gallery: ``FACEGATE_MASTER_KEY`` or ``FACEGATE_MASTER_KEY_FILE`` (one base64 key of 32
 bytes per line; the first seals, the others only open: rotation). Deleting an identity
 deletes its wrapped DEK with it, so any copy of its ciphertext left anywhere (a WAL, a
-dead tuple, a backup) is unreadable once that copy of the wrapped key is gone too.
+dead tuple, a backup) is unreadable once that copy of the wrapped key is gone too. With
+a key tree (``FACEGATE_KEY_TREE_FILE``, gallery/key_tree.py) the DEK is wrapped under
+the master key combined with the identity's leaf of the tree, and the delete punctures
+the leaf: every copy of the wrapped key left anywhere is then unreadable at once.
 
 Formats: a sealed blob is ``FGS1 | nonce(12) | ciphertext+tag``; a sealed text column
-is ``fgs1:`` + base64 of that blob; a wrapped DEK is ``key id(8) | nonce(12) | 48``.
+is ``fgs1:`` + base64 of that blob; a wrapped DEK is ``key id(8) | nonce(12) | 48``, or
+with a tree ``FGT1 | key id(8) | leaf(8) | nonce(12) | 48``.
 :class:`PlainSealer` has the same methods and stores plaintext (no master key set).
 """
 
@@ -21,6 +25,7 @@ import base64
 import binascii
 import hashlib
 import os
+import struct
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -29,8 +34,10 @@ from typing import Any
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from facegate.core.errors import UnknownIdentity
+from facegate.gallery.key_tree import KeyTreeFile, Shredded
 
 MAGIC = b"FGS1"
+TREE_MAGIC = b"FGT1"
 TEXT_PREFIX = "fgs1:"
 NONCE = 12
 Key = tuple[int, str, str]  # (row id, identity id, template id), as gallery.integrity
@@ -59,35 +66,45 @@ def parse_master_keys(text: str) -> list[bytes]:
     return keys
 
 
+def leaf_of(wrapped: bytes) -> int | None:
+    """The key tree leaf a wrapped DEK was wrapped with, or None (master key only)."""
+    wrapped = bytes(wrapped)
+    return struct.unpack(">Q", wrapped[12:20])[0] if wrapped.startswith(TREE_MAGIC) else None
+
+
 def new_master_key() -> str:
     """A fresh master key, base64 (``facegate gallery new-key``)."""
     return base64.b64encode(os.urandom(32)).decode()
 
 
 class Sealer:
-    """Seals and opens one gallery's values; DEKs are unwrapped once and cached."""
+    """Seals and opens one gallery's values; DEKs are unwrapped once and cached.
+    ``tree``: the gallery's key tree, when deletes are to shred at once (module doc)."""
 
     sealing = True
 
-    def __init__(self, master_keys: Sequence[bytes]) -> None:
+    def __init__(self, master_keys: Sequence[bytes], tree: KeyTreeFile | None = None) -> None:
         self._current = master_keys[0]
-        self._masters = {key_id(k): AESGCM(k) for k in master_keys}
+        self._current_id = key_id(self._current)
+        self._masters = {key_id(k): (k, AESGCM(k)) for k in master_keys}
+        self.tree = tree
         self._deks: dict[str, AESGCM] = {}
         self._lock = threading.Lock()
         self.loader: Callable[[str], bytes | None] = lambda identity_id: None
 
     @property
     def current_key_id(self) -> bytes:
-        return key_id(self._current)
+        return self._current_id
 
     # -- data keys ----------------------------------------------------------------------
 
-    def new_key(self, identity_id: str) -> tuple[bytes, AESGCM]:
+    def new_key(self, identity_id: str, leaf: int | None = None) -> tuple[bytes, AESGCM]:
         """A new DEK for a new identity: (wrapped, to store; the key, to pass to ``seal``).
+        ``leaf``: its leaf of the key tree (``sealed_rows.next_leaf``), when there is one.
         Cached only by :meth:`adopt` once its row has committed, so a refused duplicate
         never shadows the existing identity's key."""
         dek = AESGCM.generate_key(bit_length=256)
-        return self._wrap(identity_id, dek), AESGCM(dek)
+        return self._wrap(identity_id, dek, leaf), AESGCM(dek)
 
     def adopt(self, identity_id: str, key: AESGCM) -> None:
         with self._lock:
@@ -101,25 +118,62 @@ class Sealer:
         with self._lock:
             self._deks.pop(identity_id, None)
 
-    def rewrap(self, identity_id: str, wrapped: bytes) -> bytes | None:
-        """``wrapped`` under the current master key, or None when it already is."""
-        if bytes(wrapped[:8]) == self.current_key_id:
-            return None
-        return self._wrap(identity_id, self._unwrap(identity_id, wrapped))
+    def shred(self, leaves: Sequence[int]) -> int:
+        """Puncture these leaves of the key tree (persisted before it returns)."""
+        return self.tree.puncture(leaves) if self.tree is not None and leaves else 0
 
-    def _wrap(self, identity_id: str, dek: bytes) -> bytes:
-        nonce = os.urandom(NONCE)
+    def rewrap(self, identity_id: str, wrapped: bytes, leaf: Callable[[], int] | None = None,
+               convert_only: bool = False) -> bytes | None:
+        """``wrapped`` under the current master key, with a leaf of the tree (from
+        ``leaf()``) if it has none yet; None when nothing changes. ``convert_only`` (at
+        open): only give a leaf to a key that has none."""
+        wrapped = bytes(wrapped)
+        has = leaf_of(wrapped)
+        give_leaf = self.tree is not None and has is None and leaf is not None
+        if not give_leaf and (convert_only or self._key_id(wrapped) == self.current_key_id):
+            return None
+        dek = self._unwrap(identity_id, wrapped)
+        return self._wrap(identity_id, dek, leaf() if give_leaf else has)
+
+    @staticmethod
+    def _key_id(wrapped: bytes) -> bytes:
+        return wrapped[4:12] if wrapped.startswith(TREE_MAGIC) else wrapped[:8]
+
+    def _wrapping(self, master: tuple[bytes, AESGCM], identity_id: str, leaf: int | None
+                  ) -> tuple[AESGCM, bytes]:
         aad = b"facegate-dek|" + identity_id.encode()
-        return self.current_key_id + nonce + AESGCM(self._current).encrypt(nonce, dek, aad)
+        if leaf is None:
+            return master[1], aad
+        if self.tree is None:
+            raise SealError(f"identity {identity_id!r}: its key is wrapped with a leaf of a key "
+                            "tree, and no FACEGATE_KEY_TREE_FILE is configured")
+        try:
+            leaf_key = self.tree.leaf_key(leaf)
+        except Shredded:
+            raise SealError(f"identity {identity_id!r}: its key was shredded (leaf {leaf} of the "
+                            "key tree is punctured)") from None
+        wrapping = hashlib.blake2b(b"facegate-leaf-wrap|" + leaf_key, key=master[0],
+                                   digest_size=32).digest()
+        return AESGCM(wrapping), aad + b"|" + struct.pack(">Q", leaf)
+
+    def _wrap(self, identity_id: str, dek: bytes, leaf: int | None = None) -> bytes:
+        nonce = os.urandom(NONCE)
+        cipher, aad = self._wrapping(self._masters[self.current_key_id], identity_id, leaf)
+        head = self.current_key_id if leaf is None else (
+            TREE_MAGIC + self.current_key_id + struct.pack(">Q", leaf))
+        return head + nonce + cipher.encrypt(nonce, dek, aad)
 
     def _unwrap(self, identity_id: str, wrapped: bytes) -> bytes:
         wrapped = bytes(wrapped)
-        master = self._masters.get(wrapped[:8])
+        leaf = leaf_of(wrapped)
+        body = wrapped if leaf is None else wrapped[4:12] + wrapped[20:]  # key id|nonce|48
+        master = self._masters.get(body[:8])
         if master is None:
             raise SealError(f"identity {identity_id!r}: its key is wrapped by a master key that "
                             "is not configured (FACEGATE_MASTER_KEY_FILE)")
+        cipher, aad = self._wrapping(master, identity_id, leaf)
         try:
-            return master.decrypt(wrapped[8:20], wrapped[20:], b"facegate-dek|" + identity_id.encode())
+            return cipher.decrypt(body[8:20], body[20:], aad)
         except InvalidTag:
             raise SealError(f"identity {identity_id!r}: its wrapped key fails to open") from None
 
@@ -184,9 +238,10 @@ class PlainSealer:
     """No master key configured: values are stored as they are (galleries of before)."""
 
     sealing = False
+    tree = None
     loader: Callable[[str], bytes | None] = staticmethod(lambda identity_id: None)
 
-    def new_key(self, identity_id: str) -> tuple[None, None]:
+    def new_key(self, identity_id: str, leaf: int | None = None) -> tuple[None, None]:
         return None, None
 
     def adopt(self, identity_id: str, key: object) -> None:
@@ -197,6 +252,9 @@ class PlainSealer:
 
     def forget(self, identity_id: str) -> None:
         return None
+
+    def shred(self, leaves: Sequence[int]) -> int:
+        return 0
 
     def seal(self, identity_id: str, field: str, data: bytes | None,
              key: object = None) -> bytes | None:
@@ -215,18 +273,29 @@ class PlainSealer:
 
 
 def load_sealer(master_key: str | None = None, master_key_file: Path | None = None,
-                data_dir: Path | None = None) -> Sealer | PlainSealer:
+                data_dir: Path | None = None, key_tree_file: Path | None = None
+                ) -> Sealer | PlainSealer:
     """The sealer for a master key (base64) or key file, else :class:`PlainSealer`.
     A key file inside ``data_dir`` (the SQLite gallery's folder) is refused: a key kept
-    beside the data protects nothing."""
+    beside the data protects nothing. ``key_tree_file``: the key tree (key_tree.py),
+    which needs a master key too (it may live beside the data: alone it opens nothing)."""
+    tree = None
+    if key_tree_file is not None:
+        if master_key_file is None and not master_key:
+            raise SealError("FACEGATE_KEY_TREE_FILE needs a master key too "
+                            "(FACEGATE_MASTER_KEY_FILE)")
+        try:
+            tree = KeyTreeFile(key_tree_file)
+        except ValueError as e:
+            raise SealError(f"{key_tree_file}: {e}") from None
     if master_key_file is not None:
         path = Path(master_key_file).resolve()
         if data_dir is not None and path.parent == Path(data_dir).resolve():
             raise SealError(f"{master_key_file}: the master key must not be kept beside the "
                             "gallery it seals; move it to another folder or a secret mount")
-        return Sealer(parse_master_keys(path.read_text()))
+        return Sealer(parse_master_keys(path.read_text()), tree)
     if master_key:
-        return Sealer(parse_master_keys(master_key))
+        return Sealer(parse_master_keys(master_key), tree)
     return PlainSealer()
 
 
@@ -241,4 +310,4 @@ def gallery_sealer(settings: Any) -> Sealer | PlainSealer:
     location = settings.gallery
     data_dir = None if isinstance(location, str) else Path(location).parent
     secret = settings.master_key.get_secret_value() if settings.master_key else None
-    return load_sealer(secret, settings.master_key_file, data_dir)
+    return load_sealer(secret, settings.master_key_file, data_dir, settings.key_tree_file)

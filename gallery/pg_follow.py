@@ -23,7 +23,7 @@ import psycopg
 from facegate.core.errors import FacegateError
 from facegate.gallery.pg_deadline import LONG_READ_TIMEOUT_S, connect_timeout
 from facegate.gallery.pg_schema import CHANNEL
-from facegate.gallery.sealed_rows import load_keys
+from facegate.gallery.sealed_rows import load_keys, sync_shredded
 
 if TYPE_CHECKING:
     from facegate.gallery.postgres import PostgresGallery
@@ -58,6 +58,7 @@ class Follower:
         self.url = url
         self.poll_s = poll_s
         self.seq = 0
+        self.shredded = 0  # the last shredded_leaves position this replica's tree punctured
         self.stale: tuple[int, int, int] = (0, 0, 0)  # templates, identities, re-embeddable
         self._pruned = time.monotonic()
         self._caught_up = threading.Event()
@@ -85,6 +86,7 @@ class Follower:
         with self._lock, g._connection(LONG_READ_TIMEOUT_S) as conn, conn.transaction():
             conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
             (seq,) = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM changes").fetchone()
+            self.shredded = sync_shredded(conn, "%s", g._sealer, 0)  # the key tree's copy here
             load_keys(conn, "%s", g._sealer)  # each identity's key unwrapped once
             names = {i: g._sealer.open_text(i, "name", n)
                      for i, n in conn.execute("SELECT identity_id, name FROM identities")}
@@ -134,6 +136,7 @@ class Follower:
                 applied += len(rows)
             if applied:
                 self.stale = self._count_stale(conn)
+                self.shredded = sync_shredded(conn, "%s", g._sealer, self.shredded)
         if rebuild:
             self.rebuild()
         return applied

@@ -51,6 +51,7 @@ from facegate.gallery.records import (
     geometry_key,
     per_row,
 )
+from facegate.gallery.sealed_rows import new_key, record_shred
 from facegate.gallery.sealed_rows import prepare_postgres as prepare_sealing
 
 __all__ = ["GalleryUnavailable", "PostgresGallery"]
@@ -148,8 +149,8 @@ class PostgresGallery(PostgresReads):
         identity_id = identity_id or uuid.uuid4().hex
         created_at = time.time()
         rows = self._prepare_templates(identity_id, vectors, sources, scores, crops)
-        wrapped, key = self._sealer.new_key(identity_id)
         with self._write() as conn:
+            wrapped, key = new_key(conn, "%s", self._sealer, identity_id)
             inserted = conn.execute(
                 "INSERT INTO identities (identity_id, name, metadata, created_at, sealed_key)"
                 " VALUES (%s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
@@ -186,9 +187,11 @@ class PostgresGallery(PostgresReads):
                 "DELETE FROM templates WHERE identity_id = %s RETURNING row_id", (identity_id,)
             ).fetchall():
                 _change(conn, "untemplate", identity_id, row_id)
+            leaf = record_shred(conn, "%s", identity_id)
             conn.execute("DELETE FROM identities WHERE identity_id = %s", (identity_id,))
             _change(conn, "unidentity", identity_id)
         self._sealer.forget(identity_id)
+        self._sealer.shred([] if leaf is None else [leaf])  # other replicas: as they follow
 
     def delete_template(self, identity_id: str, template_id: str) -> None:
         with self._write() as conn:

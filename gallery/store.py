@@ -49,7 +49,7 @@ from facegate.gallery.records import (
     mismatch_message,
     per_row,
 )
-from facegate.gallery.sealed_rows import load_keys
+from facegate.gallery.sealed_rows import load_keys, new_key, record_shred
 from facegate.gallery.sealed_rows import prepare_sqlite as prepare_sealing
 from facegate.gallery.sqlite_reads import SqliteReads
 from facegate.gallery.sqlite_schema import SCHEMA, SCHEMA_VERSION, migrate
@@ -147,7 +147,7 @@ class Gallery(SqliteReads):
         created_at = time.time()
         with self._write_lock:
             with self._transaction() as db:
-                wrapped, key = self._sealer.new_key(identity_id)
+                wrapped, key = new_key(db, "?", self._sealer, identity_id)
                 try:
                     db.execute(
                         "INSERT INTO identities(identity_id, name, metadata, created_at,"
@@ -197,9 +197,11 @@ class Gallery(SqliteReads):
                         "SELECT row_id FROM templates WHERE identity_id = ?", (identity_id,)
                     )
                 ]
+                leaf = record_shred(db, "?", identity_id)
                 db.execute("DELETE FROM identities WHERE identity_id = ?", (identity_id,))
                 self._count_stale(db)
             self._sealer.forget(identity_id)
+            self._sealer.shred([] if leaf is None else [leaf])  # before the delete returns
             self._shred()
             self._cache.drop_identity(identity_id)
             self._unindex_rows(row_ids)

@@ -8,7 +8,13 @@ opening or of the previous response ending; otherwise the connection is closed, 
 408 JSON envelope when part of a request had arrived. Body deadlines are the ASGI
 middleware's job (``middleware.BodyGuardMiddleware``), where the JSON reply is easy.
 
-The protocol also answers uvicorn's "invalid HTTP request" 400 (oversized or malformed
+The protocol also keeps uvicorn's cap on open connections plus requests in progress
+(``limit_concurrency``, ``FACEGATE_MAX_CONNECTIONS``), but answers a request over it with
+the envelope (503 ``too_many_connections``, ``Retry-After``, the connection closed)
+instead of uvicorn's plain text, and logs the refusals at most once a minute instead of
+once each: a flood of connections degrades to refusals, not to a flood of log lines.
+
+It also answers uvicorn's "invalid HTTP request" 400 (oversized or malformed
 headers) with the envelope instead of plain text. After such an answer it closes its
 side for writing and reads (and drops) what the client still sends for up to
 ``LINGER_S`` before closing: closing at once, with a 200 KB header still arriving, makes
@@ -33,6 +39,7 @@ from uvicorn.protocols.http.h11_impl import STATUS_PHRASES, H11Protocol
 
 LINGER_S = 2.0
 SHUTDOWN_MARGIN_S = 3.0
+REFUSAL_LOG_EVERY_S = 60.0
 log = logging.getLogger("facegate.server")
 
 
@@ -41,8 +48,14 @@ class HeaderTimeoutH11Protocol(H11Protocol):
 
     header_timeout_s: float = 10.0
 
+    _refused = 0  # requests over the connection cap since the last log line (all connections)
+    _refusal_logged = float("-inf")
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        # uvicorn's own check would answer in plain text: the cap is checked in _capped_app.
+        self.connection_cap, self.limit_concurrency = self.limit_concurrency, None
+        self._inner_app, self.app = self.app, self._capped_app
         self._header_timer: asyncio.TimerHandle | None = None
         self._timed_cycle: object = None  # the cycle current when the timer was armed
         self._bytes_since_armed = False
@@ -78,6 +91,29 @@ class HeaderTimeoutH11Protocol(H11Protocol):
         if not self.transport.is_closing():
             self._arm_header_timer()
         super().on_response_complete()
+
+    async def _capped_app(self, scope: Any, receive: Any, send: Any) -> None:
+        """uvicorn's limit_concurrency test (this request's task already counted)."""
+        cap = self.connection_cap
+        if cap is None or scope["type"] != "http" or (
+            len(self.connections) < cap and len(self.tasks) <= cap
+        ):
+            await self._inner_app(scope, receive, send)
+            return
+        cls = HeaderTimeoutH11Protocol
+        cls._refused += 1
+        now = self.loop.time()
+        if now - cls._refusal_logged >= REFUSAL_LOG_EVERY_S:
+            self.logger.warning("over FACEGATE_MAX_CONNECTIONS (%d): %d requests answered 503 "
+                                "(logged at most once a minute)", cap, cls._refused)
+            cls._refused, cls._refusal_logged = 0, now
+        body = json.dumps(error_body(
+            "too_many_connections", f"the server holds its maximum of {cap} connections and "
+            "requests in progress; retry shortly")).encode()
+        await send({"type": "http.response.start", "status": 503, "headers": [
+            (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+            (b"retry-after", b"1"), (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body})
 
     def send_400_response(self, msg: str) -> None:
         self._send_error_and_close(400, "bad_request", "invalid HTTP request")

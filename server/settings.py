@@ -56,6 +56,11 @@ class Settings(BaseSettings):
         None, description="file of base64 AES-256 keys, one a line: the first seals, the others "
         "only open (rotation: `facegate gallery rotate-key`); never beside the gallery",
     )
+    key_tree_file: Path | None = Field(
+        None, description="writable key tree (`facegate gallery new-key-tree`): a delete "
+        "punctures it, so every copy of the deleted identity's key is unreadable at once; "
+        "one copy per replica",
+    )
     retention_decisions_days: float | None = Field(
         None, gt=0, description="delete live decision records older than this (unset: keep)"
     )
@@ -77,7 +82,7 @@ class Settings(BaseSettings):
     auth_lockout_s: float = Field(60.0, gt=0)
     max_connections: int = Field(
         1000, ge=1, description="open connections plus requests in progress; above it "
-        "uvicorn answers 503 at once",
+        "503 too_many_connections at once",
     )
     metrics_require_key: bool = Field(
         False, description="/metrics needs a key with the metrics scope"

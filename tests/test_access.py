@@ -178,8 +178,13 @@ def test_open_connections_are_capped(tmp_path):
     try:
         idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(2)]
         time.sleep(0.3)
-        with httpx.Client() as c:  # a third connection: over the cap
-            assert c.get(f"http://127.0.0.1:{port}/healthz").status_code == 503
+        with httpx.Client() as c:  # a third connection: over the cap, the envelope
+            refused = c.get(f"http://127.0.0.1:{port}/healthz")
+            assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+            assert refused.json()["error"]["code"] == "too_many_connections"
+            assert refused.headers["connection"] == "close"
+            for _ in range(20):
+                assert c.get(f"http://127.0.0.1:{port}/healthz").status_code == 503
         for s in idle:
             s.close()
         time.sleep(0.3)
@@ -187,6 +192,8 @@ def test_open_connections_are_capped(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+    log = (tmp_path / "server.log").read_text()
+    assert log.count("over FACEGATE_MAX_CONNECTIONS") == 1  # 21 refusals, one line
 
 
 def test_a_key_header_the_server_has_no_key_for_is_ignored_as_before(tmp_path):

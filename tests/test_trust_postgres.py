@@ -112,3 +112,63 @@ def test_postgres_holds_only_ciphertext_of_a_deleted_identity(url, tmp_path):
     with PostgresGallery(url, model_id="m", embedding_size=DIM, poll_s=0.5,
                          sealer=Sealer([new])) as g:
         assert g.get_identity("z").name == "Kept Person"
+
+
+def test_with_a_key_tree_a_deleted_identity_leaves_only_ciphertext_whose_key_is_gone(url, tmp_path):
+    """The bar without waiting for a rotation: right after the delete returns, what the
+    heap and pg_wal still hold of the person (their sealed rows and wrapped key) opens
+    with nothing that exists, on the replica that deleted and on one that follows it;
+    everyone else opens as before, also from a pg_dump taken before the delete."""
+    import os
+    import shutil
+    import subprocess
+
+    import psycopg
+    from facegate.gallery.crypto import Sealer, SealError, leaf_of
+    from facegate.gallery.key_tree import KeyTreeFile
+
+    master = os.urandom(32)
+    KeyTreeFile.create(tmp_path / "a.tree")
+    shutil.copy(tmp_path / "a.tree", tmp_path / "b.tree")  # one copy per replica, made at setup
+    rng = np.random.default_rng(1)
+    v = rng.standard_normal((2, DIM)).astype(np.float32)
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    c = cluster()
+
+    def replica(tree: str) -> PostgresGallery:
+        return PostgresGallery(url, model_id="m", embedding_size=DIM, poll_s=0.2,
+                               sealer=Sealer([master], KeyTreeFile(tmp_path / tree)))
+
+    a, b = replica("a.tree"), replica("b.tree")
+    try:
+        a.create_identity("y", name="Yara Leftover", embeddings=v[:1])
+        a.create_identity("z", name="Kept Person", embeddings=v[1:])
+        with psycopg.connect(url, autocommit=True) as conn:
+            (sealed,) = conn.execute("SELECT embedding FROM templates WHERE identity_id = 'y'").fetchone()
+            (wrapped,) = conn.execute("SELECT sealed_key FROM identities WHERE identity_id = 'y'").fetchone()
+            conn.execute("CHECKPOINT")
+        before = subprocess.run([str(c.bin / "pg_dump"), url], capture_output=True, check=True).stdout
+        leaf = leaf_of(wrapped)
+        assert leaf is not None
+        a.delete_identity("y")
+        stored = b"".join(p.read_bytes() for p in c.data.rglob("*") if p.is_file())
+        assert bytes(sealed)[16:48] in stored  # the heap or WAL still holds the ciphertext...
+        for tree in ("a.tree", "b.tree"):  # ...and its key is gone from every copy of the tree
+            deadline = time.monotonic() + 10
+            while KeyTreeFile(tmp_path / tree).covers(leaf) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            with pytest.raises(SealError, match="shredded"):
+                Sealer([master], KeyTreeFile(tmp_path / tree)).remember("y", bytes(wrapped))
+        assert b.get_identity("z").name == "Kept Person"
+    finally:
+        a.close()
+        b.close()
+    # A database restored from the dump taken before the delete: the delete is finished
+    # at open, the kept person opens.
+    restored = c.create_database()
+    subprocess.run([str(c.bin / "psql"), "-q", "-v", "ON_ERROR_STOP=1", restored], input=before,
+                   capture_output=True, check=True)
+    with PostgresGallery(restored, model_id="m", embedding_size=DIM, poll_s=0.2,
+                         sealer=Sealer([master], KeyTreeFile(tmp_path / "a.tree"))) as g:
+        assert g.get_identity("z").name == "Kept Person"
+        assert [i.identity_id for i in g.list_identities()[0]] == ["z"]
