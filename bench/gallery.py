@@ -7,7 +7,9 @@ whose top hit is the exact top hit. Swept: IVF-Flat over nlist and nprobe, HNSW 
 efSearch, IVF-SQ8 (not served; its recall next to its memory), facegate's
 ``TemplateIndex`` as the server builds it (flat, ivf, auto), FAISS flat with its default
 threads (the old single-query path) and NumPy brute force (the peer). Latency is of
-single queries, one at a time, on one FAISS thread unless the row says otherwise.
+single queries, one at a time, on one FAISS thread unless the row says otherwise. At the
+largest size, a real SQLite gallery of the same vectors, plaintext and sealed, is opened
+and restarted (`bench.gallery_restart`).
 """
 
 from __future__ import annotations
@@ -230,6 +232,10 @@ def run(sizes: dict, workdir: Path) -> dict:
                 rows += hnsw_rows(base, queries, exact, sizes)
         finally:
             faiss.omp_set_num_threads(faiss_threads)
+        if n == sizes["sizes"][-1]:  # a real SQLite gallery of the largest size, restarted
+            from bench.gallery_restart import restart_part
+
+            restart = restart_part(base, queries, exact, workdir)
         print(f"bench: gallery {n:,} done", flush=True)
         del base
         gc.collect()
@@ -237,7 +243,7 @@ def run(sizes: dict, workdir: Path) -> dict:
             "real": {"embeddings": len(embeddings), "identities": shape.identities,
                      "enrolled": len(enrolled), "per_identity": sizes["enrol"],
                      "queries": len(queries), "held_out": len(held_out)},
-            "shape": stats, "faiss_threads": faiss_threads, "rows": rows,
+            "shape": stats, "faiss_threads": faiss_threads, "rows": rows, "restart": restart,
             "target": {"recall_at_1": TARGET_RECALL, "p50_ms": TARGET_P50_MS}}
 
 

@@ -133,6 +133,18 @@ def render(result: dict) -> str:
         "column above at 1M is the same layout measured.\n\n")
     text += table(["index", "bytes / template", f"GB at {PAPER_N // 1_000_000}M"],
                   paper_memory(result["dim"], _hnsw_m(rows)))
+    if result.get("restart"):
+        from bench.gallery_restart import markdown as restart_table
+
+        text += (
+            "\nRestart (`bench/gallery_restart.py`): the largest gallery's vectors written into a "
+            "real SQLite gallery (4 templates an identity; plaintext, and sealed with a master "
+            "key), opened with `index=\"auto\"` as the server opens it: the first open runs "
+            "k-means and persists the centroids and row lists (`<gallery>.ivf`), the restart "
+            "reuses them. Open s: constructor to a searchable gallery (every row read, sealed "
+            "ones opened, the index built). R@1 and latency on the restarted index against exact "
+            "search for the same queries, single queries on one OpenMP thread as served.\n\n")
+        text += restart_table(result["restart"])
     return text
 
 

@@ -149,8 +149,12 @@ def test_gallery_part_indexes_agree_with_exact_search(bench_env):
     assert rows["facegate auto"]["params"] == "backend flat"  # small: exact
     assert all(0 < r["recall_at_10"] <= 1 and r["bytes_per_template"] > 0 for r in result["rows"])
     assert abs(result["shape"]["real"]["to_own_mean"] - result["shape"]["synthetic"]["to_own_mean"]) < 0.02
+    for mode in ("plaintext", "sealed"):  # a real SQLite gallery of the fill, reopened
+        assert result["restart"][mode]["templates"] == 3_000
+        assert result["restart"][mode]["restart_trainings"] == 0
+        assert result["restart"][mode]["recall_at_1"] == 1.0  # small: flat
     text = gallery.markdown(result)
-    assert "NumPy brute force (peer)" in text and "GB at 10M" in text
+    assert "NumPy brute force (peer)" in text and "GB at 10M" in text and "| sealed |" in text
 
 
 def test_server_part_serves_real_requests_in_every_mode_with_a_cpu_profile(bench_env):
