@@ -76,7 +76,7 @@ def store_part(workdir: Path, identities: int, per: int, enrolments: int, search
               "key tree": lambda: Sealer(master, KeyTreeFile(tree))}
     paths = {mode: workdir / f"store-{mode.replace(' ', '-')}.sqlite" for mode in makers}
     for mode, make in makers.items():
-        for suffix in ("", "-wal", "-shm"):
+        for suffix in ("", "-wal", "-shm", ".ivf"):  # .ivf: the persisted IVF (index_file.py)
             Path(f"{paths[mode]}{suffix}").unlink(missing_ok=True)
         build(paths[mode], make(), identities, per)
     rng = np.random.default_rng(1)

@@ -51,7 +51,7 @@ class PostgresReads:
             ).fetchone()
             if row is None:
                 raise UnknownIdentity(f"unknown identity {identity_id!r}")
-            return _identities(conn, open_identity_rows(self._sealer, [row]))[0]
+            return _identities(conn, self._sealer, open_identity_rows(self._sealer, [row]))[0]
 
     def list_identities(self, *, offset: int = 0, limit: int = 50) -> tuple[list[Identity], int]:
         """A page of identities in enrolment order, and the total count (one snapshot)."""
@@ -63,7 +63,7 @@ class PostgresReads:
                 " ORDER BY created_at, identity_id LIMIT %s OFFSET %s",
                 (max(0, limit), min(max(0, offset), 2**62)),
             ).fetchall()
-            return _identities(conn, open_identity_rows(self._sealer, rows)), total
+            return _identities(conn, self._sealer, open_identity_rows(self._sealer, rows)), total
 
     def composition(self) -> dict[int, int]:
         """{templates per identity: identities} of the searchable (current-model) templates."""
@@ -181,7 +181,8 @@ class PostgresReads:
         )
 
 
-def _identities(conn: psycopg.Connection, rows: list[tuple]) -> list[Identity]:
+def _identities(conn: psycopg.Connection, sealer: Sealer | PlainSealer,
+                rows: list[tuple]) -> list[Identity]:
     """Identities for (identity_id, name, metadata, created_at) rows, with their templates."""
     templates: dict[str, list[Template]] = {row[0]: [] for row in rows}
     if templates:
@@ -190,6 +191,7 @@ def _identities(conn: psycopg.Connection, rows: list[tuple]) -> list[Identity]:
             " WHERE identity_id = ANY(%s) ORDER BY row_id",
             (list(templates),),
         ):
+            source = sealer.open_text(identity_id, f"source:{template_id}", source)
             templates[identity_id].append(Template(template_id, identity_id, created_at, source, score))
     return [
         Identity(i, name, load_stored_metadata(meta), created_at, tuple(templates[i]))

@@ -351,7 +351,10 @@ class PostgresGallery(PostgresReads):
                 " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING row_id",
                 (
                     template.template_id, template.identity_id, self.model_id, len(vector),
-                    sealed_vector, template.created_at, template.source, template.score,
+                    sealed_vector, template.created_at,
+                    self._sealer.seal_text(template.identity_id, f"source:{template.template_id}",
+                                           template.source, key),
+                    template.score,
                     sealed_png, None if png is None else self._geometry_key,
                 ),
             ).fetchone()

@@ -145,15 +145,23 @@ def _seal_existing(db: _Db, sealer: Sealer | PlainSealer) -> int:
             (sealer.seal_text(identity_id, "name", name, key),
              sealer.seal_text(identity_id, "metadata", metadata, key), wrapped, identity_id),
         )
-        for row_id, template_id, embedding, crop in db.rows(
-            "SELECT row_id, template_id, embedding, crop FROM templates WHERE identity_id = ?",
-            (identity_id,),
+        for row_id, template_id, embedding, crop, source in db.rows(
+            "SELECT row_id, template_id, embedding, crop, source FROM templates"
+            " WHERE identity_id = ?", (identity_id,),
         ):
             db.run(
-                "UPDATE templates SET embedding = ?, crop = ? WHERE row_id = ?",
+                "UPDATE templates SET embedding = ?, crop = ?, source = ? WHERE row_id = ?",
                 (sealer.seal(identity_id, f"embedding:{template_id}", embedding, key),
-                 sealer.seal(identity_id, f"crop:{template_id}", crop, key), row_id),
+                 sealer.seal(identity_id, f"crop:{template_id}", crop, key),
+                 sealer.seal_text(identity_id, f"source:{template_id}", source, key), row_id),
             )
+    # Galleries sealed before photo file names were: seal those left in the clear.
+    for row_id, identity_id, template_id, source in db.rows(
+        "SELECT row_id, identity_id, template_id, source FROM templates"
+        " WHERE source IS NOT NULL AND substr(source, 1, 5) <> 'fgs1:'"
+    ):
+        db.run("UPDATE templates SET source = ? WHERE row_id = ?",
+               (sealer.seal_text(identity_id, f"source:{template_id}", source), row_id))
     return len(plain)
 
 

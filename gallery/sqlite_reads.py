@@ -138,6 +138,7 @@ class SqliteReads:
                 f" WHERE identity_id IN ({marks}) ORDER BY row_id",
                 chunk,
             ):
+                source = self._sealer.open_text(identity_id, f"source:{template_id}", source)
                 templates[identity_id].append(
                     Template(template_id, identity_id, created_at, source, score)
                 )

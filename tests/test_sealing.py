@@ -80,12 +80,14 @@ def test_a_deleted_identity_leaves_nothing_readable_in_any_sqlite_file(tmp_path,
                           data={"identity_id": "other", "name": "Other Person"}).status_code == 201
         shown = httpx.get(f"{base}/v1/identities/zelda").json()
         assert shown["name"] == NAME and shown["metadata"] == METADATA  # opened for the API
+        assert [t["source"] for t in shown["templates"]] == [p.name for p in paths[:2]]
         found = httpx.post(f"{base}/v1/search", timeout=60,
                            files={"image": (paths[3].name, paths[3].read_bytes())}).json()
         assert found["candidates"][0]["name"] == NAME
 
         secrets = unsealed_rows(gallery, Sealer(parse_master_keys(master_key.read_text())), "zelda")
-        clear = [NAME.encode(), METADATA["badge"].encode(), *secrets["embedding"], *secrets["crop"]]
+        clear = [NAME.encode(), METADATA["badge"].encode(), *secrets["embedding"], *secrets["crop"],
+                 *(p.name.encode() for p in paths[:2])]  # photo file names are sealed too
         before = gallery_bytes(gallery)
         assert sum(s in before for s in secrets["sealed"]) >= 0.8 * len(secrets["sealed"])  # seen...
         assert not any(s in before for s in clear)  # ...and they are sealed at rest
@@ -106,15 +108,18 @@ def test_an_existing_plaintext_gallery_is_sealed_at_open_and_the_index_rebuilt(t
     vector = np.zeros((1, 4), np.float32)
     vector[0, 1] = 1
     with Gallery(path, model_id="m", embedding_size=4) as plain:
-        plain.create_identity("p", name=NAME, metadata=METADATA, embeddings=vector)
+        plain.create_identity("p", name=NAME, metadata=METADATA, embeddings=vector,
+                              sources=["IMG_0042-zelda.jpg"])
     assert NAME.encode() in gallery_bytes(path)
     sealer = load_sealer(master_key_file=master_key, data_dir=path.parent)
     with Gallery(path, model_id="m", embedding_size=4, sealer=sealer) as sealed:
         assert sealed.get_identity("p").name == NAME
+        assert sealed.get_identity("p").templates[0].source == "IMG_0042-zelda.jpg"
         assert sealed.search(vector[0], k=1)[0].name == NAME
         sealed._writer.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         stored = gallery_bytes(path)
     assert NAME.encode() not in stored and vector.tobytes() not in stored and MAGIC in stored
+    assert b"IMG_0042-zelda.jpg" not in stored
     with pytest.raises(SealError, match="MASTER_KEY"):  # sealed: no serving without its key
         Gallery(path, model_id="m", embedding_size=4)
 

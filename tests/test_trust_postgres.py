@@ -80,9 +80,11 @@ def test_postgres_holds_only_ciphertext_of_a_deleted_identity(url, tmp_path):
     v /= np.linalg.norm(v)
     with PostgresGallery(url, model_id="m", embedding_size=DIM, poll_s=0.5, keep_crops=True,
                          geometry=ARCFACE_112, sealer=Sealer([master])) as g:
-        g.create_identity("y", name=name, metadata={"badge": badge}, embeddings=v, crops=[crop])
+        g.create_identity("y", name=name, metadata={"badge": badge}, embeddings=v, crops=[crop],
+                          sources=["yorick-passport.jpg"])
         g.create_identity("z", name="Kept Person", embeddings=v)
         assert g.get_identity("y").name == name and g.search(v[0], 1)[0].identity_id == "y"
+        assert g.get_identity("y").templates[0].source == "yorick-passport.jpg"
         with psycopg.connect(url, autocommit=True) as conn:
             (sealed,) = conn.execute("SELECT embedding FROM templates WHERE identity_id = 'y'").fetchone()
             (wrapped,) = conn.execute("SELECT sealed_key FROM identities WHERE identity_id = 'y'").fetchone()
@@ -95,7 +97,8 @@ def test_postgres_holds_only_ciphertext_of_a_deleted_identity(url, tmp_path):
     stored = b"".join(p.read_bytes() for p in c.data.rglob("*") if p.is_file())
     assert bytes(sealed)[16:48] in stored  # the scan reaches the rows (their ciphertext)
     png = encode_png(crop, ARCFACE_112)
-    clear = [name.encode(), badge.encode(), v.tobytes()[:32], png[200:232], png[-100:-68]]
+    clear = [name.encode(), badge.encode(), v.tobytes()[:32], png[200:232], png[-100:-68],
+             b"yorick-passport.jpg"]
     assert not any(s in stored for s in clear)
     dump = subprocess.run([str(c.bin / "pg_dump"), url], capture_output=True, check=True).stdout
     assert not any(s in dump for s in clear)
