@@ -25,6 +25,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -34,6 +35,7 @@ from facegate.core.errors import DuplicateIdentity, UnknownIdentity, UnknownTemp
 from facegate.gallery.audit import CALLER, DECISIONS_PER_CALLER, best_effort, prepare_postgres
 from facegate.gallery.cache import IndexCache
 from facegate.gallery.crypto import PlainSealer, Sealer
+from facegate.gallery.index_file import IndexFile
 from facegate.gallery.integrity import Quarantine, integrity_error
 from facegate.gallery.metadata import STORE_MAX_BYTES, STORE_MAX_DEPTH, check_metadata
 from facegate.gallery.pg_deadline import LONG_READ_TIMEOUT_S, DeadlinePool
@@ -77,6 +79,7 @@ class PostgresGallery(PostgresReads):
         timeout_s: float = 2.0,
         start_timeout_s: float = 30.0,
         poll_s: float = 2.0,
+        index_file: str | Path | None = None,
     ) -> None:
         """Migrate the schema, build the index from the database, start following changes.
 
@@ -85,7 +88,9 @@ class PostgresGallery(PostgresReads):
         one use of the database may take, waiting for a connection included, before 503;
         ``start_timeout_s``: for connecting and migrating at start (GalleryUnavailable
         past it); ``poll_s``: the catch-up read that runs even without a notification.
-        ``sealer``: seals names, metadata, vectors and crops at rest (gallery/crypto.py)."""
+        ``sealer``: seals names, metadata, vectors and crops at rest (gallery/crypto.py).
+        ``index_file``: this replica's local file of trained IVF centroids (gallery/index_file.py),
+        so its restart skips k-means; None: each start trains."""
         self.url = url
         self.model_id = model_id
         self.embedding_size = embedding_size
@@ -93,9 +98,11 @@ class PostgresGallery(PostgresReads):
         self.geometry = as_geometry(geometry, ARCFACE_112)
         self._geometry_key = geometry_key(self.geometry)
         self.decisions_per_identity = decisions_per_identity
-        self._cache = IndexCache(embedding_size, index, gpu=gpu)
         self._sealer = sealer or PlainSealer()
         self._sealer.loader = self._wrapped_key
+        self._cache = IndexCache(embedding_size, index, gpu=gpu, index_file=None if index_file is None
+                                 else IndexFile(index_file, model_id=model_id, dim=embedding_size,
+                                                sealer=self._sealer))
         self._quarantine = Quarantine(embedding_size, opener=self._sealer.open_vectors)
         self.timeout_s = timeout_s
         self._pool = DeadlinePool(url, size=pool_size, timeout_s=timeout_s, name="facegate-gallery")

@@ -95,8 +95,8 @@ def open_gallery(location: str | Path, **options: Any) -> GalleryStore:
     """The SQLite :class:`~facegate.gallery.store.Gallery` for a path, the PostgreSQL
     :class:`~facegate.gallery.postgres.PostgresGallery` for a ``postgresql://`` URL.
 
-    ``options`` are the common keywords (model_id, embedding_size, index, keep_crops,
-    geometry, gpu, decisions_per_identity); PostgreSQL also takes ``pool_size`` and
+    ``options`` are the common keywords (model_id, embedding_size, index, index_file,
+    keep_crops, geometry, gpu, decisions_per_identity); PostgreSQL also takes ``pool_size`` and
     ``timeout_s``."""
     if is_postgres_url(location):
         from facegate.gallery.postgres import PostgresGallery

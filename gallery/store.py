@@ -74,11 +74,14 @@ class Gallery(SqliteReads):
         gpu: bool | None = None,
         decisions_per_identity: int = 200,
         sealer: Sealer | PlainSealer | None = None,
+        index_file: str | Path | None = None,
     ) -> None:
         """``geometry``: the model's crop geometry (``Bundle.geometry``; default ArcFace
         112x112, as for a bundle without one): kept crops must be in it, and
         :meth:`reembed` re-embeds only kept crops made in it. ``sealer``: seals names,
-        metadata, vectors and crops at rest (gallery/crypto.py; plaintext without one)."""
+        metadata, vectors and crops at rest (gallery/crypto.py; plaintext without one).
+        ``index_file``: trained IVF centroids (gallery/index_file.py); default beside the
+        gallery, ``<path>.ivf``."""
         self.path = Path(path)
         self.model_id = model_id
         self.embedding_size = embedding_size
@@ -107,9 +110,9 @@ class Gallery(SqliteReads):
             db.execute(
                 "INSERT OR REPLACE INTO meta(key, value) VALUES ('model_id', ?)", (model_id,)
             )
-        index_file = IndexFile(f"{self.path}.ivf", model_id=model_id, dim=embedding_size,
-                               sealer=self._sealer)  # trained IVF centroids (index_file.py)
-        self._cache = IndexCache(embedding_size, index, gpu=gpu, index_file=index_file)
+        trained = IndexFile(index_file or f"{self.path}.ivf", model_id=model_id,
+                            dim=embedding_size, sealer=self._sealer)
+        self._cache = IndexCache(embedding_size, index, gpu=gpu, index_file=trained)
         self._index = self._cache.index
         self._quarantine = Quarantine(embedding_size, opener=self._sealer.open_vectors)
         self._stale_templates = 0

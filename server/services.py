@@ -238,6 +238,7 @@ async def start_services(settings: Settings, metrics: ServerMetrics) -> Services
             model_id=bundle.model_id,
             embedding_size=bundle.embedding_size,
             index=settings.index,
+            index_file=settings.index_file,
             keep_crops=settings.keep_crops,
             geometry=bundle.geometry,
             pool_size=settings.gallery_pool_size,

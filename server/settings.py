@@ -189,6 +189,11 @@ class Settings(BaseSettings):
         "auto", description="FAISS index of the gallery: flat, ivf, hnsw, or auto (exact flat "
         "up to 50,000 templates, then IVF tuned on real embeddings; docs/gallery.md)",
     )
+    index_file: Path | None = Field(
+        None, description="file of the IVF index's trained centroids, so a restart skips "
+        "k-means (docs/gallery.md): default <gallery>.ivf beside a SQLite gallery; a "
+        "PostgreSQL replica keeps one only where this names a local path",
+    )
     keep_crops: bool = Field(False, description="store aligned crops with templates")
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="comma-separated allowed origins; empty = CORS off"

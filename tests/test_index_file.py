@@ -155,3 +155,28 @@ def test_rows_added_since_are_assigned_at_open_and_persisted_once_a_tenth_are_ne
         assert g.search(vectors[0], k=1)[0].identity_id in ("p0", "new0")
     stored = IndexFile(file, model_id=MODEL, dim=DIM).load()
     assert stored is not None and len(stored.ids) == IDENTITIES * PER + 9 * PER  # rewritten
+
+
+def test_a_postgresql_replica_reuses_its_local_index_file(tmp_path, vectors):
+    from facegate.gallery.postgres import PostgresGallery
+    from postgres_support import cluster
+
+    url = cluster().create_database()
+    file = tmp_path / "replica.ivf"
+
+    def replica(**kwargs) -> PostgresGallery:
+        return PostgresGallery(url, model_id=MODEL, embedding_size=DIM, poll_s=60, **kwargs)
+
+    with replica(index="flat") as g:
+        for i in range(IDENTITIES):
+            g.create_identity(f"p{i}", embeddings=vectors[i * PER:(i + 1) * PER])
+    queries = queries_for(vectors)
+    with replica(index="ivf", index_file=file) as g:
+        assert g._cache.index.trainings == 1 and file.exists()
+        first = answers(g, queries)
+    with replica(index="ivf", index_file=file) as g:
+        assert g._cache.index.trainings == 0  # its restart: no k-means
+        assert answers(g, queries) == first
+    with replica(index="ivf") as g:  # no local file named: every start trains
+        assert g._cache.index.trainings == 1
+        assert answers(g, queries) == first
