@@ -39,12 +39,13 @@ def _free_port() -> int:
 class Cluster:
     """initdb'd data directory + running server; ``create_database()`` for a fresh one."""
 
-    def __init__(self) -> None:
+    def __init__(self, root: Path | None = None) -> None:
+        """``root``: an empty folder for its files (e.g. a small disk), else a temp dir."""
         bin_dir = server_bin_dir()
         if bin_dir is None:
             raise FileNotFoundError(INSTALL_HINT)
         self.bin = bin_dir
-        self.root = Path(tempfile.mkdtemp(prefix="facegate-pg-"))
+        self.root = Path(root) if root is not None else Path(tempfile.mkdtemp(prefix="facegate-pg-"))
         self.data = self.root / "data"
         self.log = self.root / "postgres.log"
         self.port = _free_port()
