@@ -175,12 +175,20 @@ def test_server_part_serves_real_requests_in_every_mode_with_a_cpu_profile(bench
 def test_embedder_part_measures_both_embedders(bench_env):
     from bench import embedder
 
-    result = embedder.run({"batches": [1, 2], "min_crops": 2, "budget_s": 1.0, "real_crops": 2},
+    result = embedder.run({"batches": [1, 2], "min_crops": 2, "budget_s": 1.0, "real_crops": 2,
+                           "int8_batches": [1, 3], "int8_rounds": 2, "int8_budget_s": 1.0},
                           bench_env)
     assert [r["batch"] for r in result["rows"]] == [1, 2]
     assert all(r["facegate"]["crops_per_s"] > 0 and r["dlib"]["crops_per_s"] > 0
                for r in result["rows"])
-    assert "pending: no GPU" in embedder.markdown(result)
+    int8 = result["int8"]
+    assert "-int8#" in int8["model_id"] and int8["parity"]["passed"]
+    assert [r["batch"] for r in int8["rows"]] == [1, 3]
+    for row in int8["rows"]:  # the same rounds (>= 1, the budget may cut them) for all four
+        assert len({row[f"{p} flip={f}"]["n"] for p in ("fp32", "int8") for f in (True, False)}
+                   - {0}) == 1
+    text = embedder.markdown(result)
+    assert "pending: no GPU" in text and "int8 / fp32 (flip)" in text
     assert training.SIZES["full"]["batch"] == 32
 
 
