@@ -29,6 +29,7 @@ import numpy as np
 from facegate.core.align import Geometry
 from facegate.core.detect import Detector
 from facegate.core.face import DEFAULT_DETECT_BUDGET_S, PreparedFace, prepare_face, prepare_faces
+from facegate.core.plan import warm_up as warm_up_band_helper
 from facegate.gallery.audit import CALLER
 from facegate.server.fair import CLIENT, FairGate, client_key
 
@@ -97,6 +98,7 @@ def _prepare_every_face(data: bytes, max_faces: int) -> list[PreparedFace]:
 
 def _warm_up() -> None:
     _detector().detect(np.zeros((64, 64, 3), np.uint8))
+    warm_up_band_helper()  # core.plan's helper thread for banded scans, and its detector
 
 
 class FacePipeline:

@@ -145,8 +145,9 @@ class Settings(BaseSettings):
         "(bounds peak memory)"
     )
     detect_budget_s: float = Field(
-        2.5, gt=0, description="seconds of decode and detection per photo: finer searches for "
-        "small faces in large photos are skipped past it (docs/pipeline.md)",
+        2.5, gt=0, description="seconds of decode and detection per photo: the CNN is skipped in "
+        "large photos past it, and at 4x it the search down to the minimum face stops with 503 "
+        "work_budget_exceeded (docs/pipeline.md)",
     )
     client_workers: int | None = Field(
         None, ge=1, description="cpu_workers one client (its authenticated key, else address) may hold at "

@@ -145,7 +145,11 @@ def test_a_search_is_answered_while_expensive_uploads_are_in_flight(tmp_path, ce
             r = httpx.post(f"{url}/search", files={"image": ("p.jpg", photo)}, timeout=60)
             return r.status_code, time.perf_counter() - t0
 
-        for upload, expected in ((strip, "image_degenerate"), (empty_12mp, "no_face")):
+        # A 12 MP photo without a face is searched down to 40 px faces (core.plan), ~5 s of
+        # one core: with three in flight on a loaded machine each may reach the hard stop
+        # (4x FACEGATE_DETECT_BUDGET_S) and be answered 503 work_budget_exceeded instead.
+        for upload, expected in ((strip, {"image_degenerate"}),
+                                 (empty_12mp, {"no_face", "work_budget_exceeded"})):
             with ThreadPoolExecutor(5) as pool:
                 uploads = [pool.submit(heavy, upload) for _ in range(4)]
                 time.sleep(0.3)
@@ -153,7 +157,7 @@ def test_a_search_is_answered_while_expensive_uploads_are_in_flight(tmp_path, ce
                 answers = [u.result() for u in uploads]
             assert status == 200 and seconds <= 2.0, (expected, status, seconds)
             assert all(a[0] in (422, 503) for a in answers), answers
-            assert any(a[1] == expected for a in answers), answers
+            assert all(a[1] in expected for a in answers), answers
             if upload is strip:
                 assert all(a[2] <= 1.0 for a in answers), answers
     finally:
