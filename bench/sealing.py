@@ -7,8 +7,9 @@
    measured in alternation. The gallery file is written directly in the store's format
    (the same sealer calls as the store), so building it takes seconds, not an hour of
    fsync'd enrolments.
-2. HTTP: two ``facegate serve`` on loopback, one plaintext and one with a master key,
-   the same real photos sent to each in alternation: enrolment and search p50.
+2. HTTP: three ``facegate serve`` on loopback, plaintext, with a master key, and with a
+   master key and a key tree, the same real photos sent to each in turn: enrolment and
+   search p50.
 
 Writes ``bench/results/sealing.json`` and prints a markdown table.
 """
@@ -146,18 +147,23 @@ def http_part(workdir: Path, rounds: int) -> dict:
     key_file = workdir / "secrets" / "master.key"
     key_file.parent.mkdir(exist_ok=True)
     key_file.write_text(base64.b64encode(os.urandom(32)).decode())
+    tree = workdir / "http.tree"
+    tree.unlink(missing_ok=True)
+    KeyTreeFile.create(tree)
+    sealed = {"FACEGATE_KEEP_CROPS": "true", "FACEGATE_MASTER_KEY_FILE": str(key_file)}
     pairs = [(a.read_bytes(), b.read_bytes()) for a, b in photo_pairs(max(rounds, 8))]
     servers = {
         "plaintext": Server(bundle, workdir / "http-plain.sqlite", {"FACEGATE_KEEP_CROPS": "true"}),
-        "sealed": Server(bundle, workdir / "http-sealed.sqlite",
-                         {"FACEGATE_KEEP_CROPS": "true", "FACEGATE_MASTER_KEY_FILE": str(key_file)}),
+        "sealed": Server(bundle, workdir / "http-sealed.sqlite", sealed),
+        "key tree": Server(bundle, workdir / "http-key-tree.sqlite",
+                           {**sealed, "FACEGATE_KEY_TREE_FILE": str(tree)}),
     }
     times: dict[str, dict[str, list[float]]] = {m: {"enrol": [], "search": []} for m in servers}
     try:
         clients = {m: loopback_client(s.url) for m, s in servers.items()}
         for i in range(rounds):
             a, b = pairs[i % len(pairs)]
-            order = list(servers) if i % 2 == 0 else list(reversed(servers))
+            order = list(servers)[i % 3:] + list(servers)[:i % 3]
             for mode in order:
                 c = clients[mode]
                 t0 = time.perf_counter()
@@ -174,8 +180,9 @@ def http_part(workdir: Path, rounds: int) -> dict:
             s.stop()
     out: dict = {m: {k: summarise(v) for k, v in t.items()} for m, t in times.items()}
     out["paired_ratio"] = {  # per round, sealed / plaintext on the same photo, back to back
-        k: float(np.median(np.array(times["sealed"][k]) / np.array(times["plaintext"][k])))
-        for k in ("enrol", "search")
+        mode: {k: float(np.median(np.array(times[mode][k]) / np.array(times["plaintext"][k])))
+               for k in ("enrol", "search")}
+        for mode in ("sealed", "key tree")
     }
     return out
 
@@ -200,9 +207,11 @@ def markdown(result: dict) -> str:
     rows.append(f"| key tree file after {tree['delete']['n']} deletes | | | | "
                 f"{tree['tree_bytes']:,} bytes | |")
     for what, label in (("enrol", "HTTP enrolment (1 photo), p50"), ("search", "HTTP search, p50")):
-        p, q = h["plaintext"][what]["p50_ms"], h["sealed"][what]["p50_ms"]
+        p, q, t = (h[m][what]["p50_ms"] for m in ("plaintext", "sealed", "key tree"))
+        paired = h["paired_ratio"]
         rows.append(f"| {label} (n={h['sealed'][what]['n']}) | {p:.0f} ms | {q:.0f} ms | "
-                    f"{q / p:.2f} (paired median {h['paired_ratio'][what]:.2f}) | | |")
+                    f"{q / p:.2f} (paired median {paired['sealed'][what]:.2f}) | {t:.0f} ms | "
+                    f"{t / p:.2f} (paired median {paired['key tree'][what]:.2f}) |")
     return "\n".join(rows)
 
 

@@ -100,7 +100,7 @@ class Sealer:
 
     def new_key(self, identity_id: str, leaf: int | None = None) -> tuple[bytes, AESGCM]:
         """A new DEK for a new identity: (wrapped, to store; the key, to pass to ``seal``).
-        ``leaf``: its leaf of the key tree (``sealed_rows.next_leaf``), when there is one.
+        ``leaf``: its leaf of the key tree (handed out by ``sealed_rows.new_key``), if any.
         Cached only by :meth:`adopt` once its row has committed, so a refused duplicate
         never shadows the existing identity's key."""
         dek = AESGCM.generate_key(bit_length=256)
