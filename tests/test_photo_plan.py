@@ -91,7 +91,7 @@ def test_the_smallest_face_is_40_px_up_to_12_5_mp_then_grows_with_the_photo():
     assert smallest_face(1200, 900, DlibDetector(upsample=0)) == pytest.approx(80 * 1200 / 1024)
 
 
-@pytest.mark.parametrize("frame,face_px", [("12 MP", 400), ("12 MP", 110), ("3 MP", 110)])
+@pytest.mark.parametrize("frame,face_px", [("12 MP", 700), ("12 MP", 400), ("12 MP", 110), ("3 MP", 110)])
 def test_faces_in_phone_photos_are_found_where_they_are(sources, detector, frame, face_px):
     found = 0
     for seed, (photo, box) in enumerate(sources):
@@ -144,20 +144,23 @@ def test_a_search_past_its_hard_stop_is_refused_between_bands(detector):
     assert len(scanned) <= 3  # not all 9 bands
 
 
-def test_crops_from_the_plan_match_a_full_resolution_crop(sources, detector):
+@pytest.mark.parametrize("face_px", [400, 490, 600])  # crops from the 1/2, 1/4 and 1/4 decode
+def test_crops_from_the_plan_match_a_full_resolution_crop(sources, detector, face_px):
     """The crop from reduced decodes embeds as the crop made from the whole full-size image."""
     embedder = create_embedder(load_bundle(default_bundle()), runtime="onnxruntime-cpu", flip=False)
     photo, box = sources[0]
-    data, _ = place(photo, box, 400, FRAMES["12 MP"], 0)
+    data, _ = place(photo, box, face_px, FRAMES["12 MP"], 0)
     planned = prepare_face(data, detector, DLIB_CHIP_150, max_detect_pixels=4_000_000)
     full = decode(data, max_bytes=10**8)  # the full 12 MP, landmarks fitted there
     local = detector.fit_landmarks(full, [(planned.face.box, planned.face.score)])[0]
     reference = align_face(full, local, DLIB_CHIP_150)
     a, b = embedder.embed(np.stack([planned.crop, reference]))
     assert float(a @ b) > 0.99
-    # The shape predictor at half resolution (the box still 200 px wide) lands within 2% of
-    # the face's width of where it lands at full resolution (measured: 1.6%).
-    np.testing.assert_allclose(planned.face.landmarks, local.landmarks, atol=0.02 * 400)
+    # The shape predictor at half resolution (400 px: the box 200 px wide there) or a quarter
+    # (490 and 600 px: 122 and 150 px, at least CROP_FACE_PX) lands within 4% of the face's
+    # width of where it lands at full resolution (measured 0.5%, 3.9% and 2.4%, each on a
+    # derived mouth corner; cosine 0.9998, 0.992 and 0.993).
+    np.testing.assert_allclose(planned.face.landmarks, local.landmarks, atol=0.04 * face_px)
 
 
 def test_shared_photos_keep_their_crops(celeba_index, detector):
