@@ -34,7 +34,7 @@ from bench.report import fmt, ratio, table
 from bench.server import Server, loopback_client
 
 SIZES = {
-    "full": {"photos": 5, "face_px": [60, 100, 400], "pairs": 6, "rounds": 3},
+    "full": {"photos": 5, "face_px": [40, 60, 100, 400], "pairs": 6, "rounds": 3},
     "smoke": {"photos": 1, "face_px": [200], "pairs": 1, "rounds": 1},
 }
 STAGES = ("decode", "detect", "align")
@@ -219,8 +219,16 @@ def markdown(result: dict) -> str:
                      *(f"{fmt(fg[f'{k}_ms'])} / {fmt(fr[f'{k}_ms'])}" for k in STAGES)])
     v = http["verify"]
     group = result["group"]
+    from facegate.core.align import DLIB_CHIP_150
+    from facegate.core.face import make_detector
+    from facegate.core.plan import smallest_face
+
+    detector = make_detector(DLIB_CHIP_150)
+    guaranteed = ", ".join(f"{frame} {smallest_face(*size, detector):.0f} px"
+                           for frame, size in FRAMES.items())
     lines = [
         "Phone-size photos (`bench/phone.py`). " + (__doc__ or "").split("\n\n", 1)[1].strip() + "\n",
+        f"The smallest face facegate always searches for (`core.plan.smallest_face`): {guaranteed}.\n",
         "Faces found and per-photo time (p50 ms; stages p50, facegate / face_recognition; "
         "facegate's detect includes its landmarks and its align is the crop, face_recognition's "
         "align is its landmarks):\n",
