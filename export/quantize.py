@@ -166,6 +166,9 @@ def quantize_bundle(bundle_path: Path, out: Path, calibration: np.ndarray,
     out = Path(out).resolve()
     if out == source.path:
         raise QuantizeError("write the int8 bundle to a new folder, not over its source")
+    if "quantization" in source.manifest or qdq_nodes(source.onnx_path)["quantize_linear"]:
+        raise QuantizeError(f"{source.model_id} is quantised already; quantise its fp32 source "
+                            "(e.g. `facegate export onnx dlib FP32` for the default model)")
     with tempfile.TemporaryDirectory(prefix="facegate-int8-") as scratch:
         model = Path(scratch) / source.onnx_path.name
         summary = quantize_onnx(source.onnx_path, model, calibration, source.input_spec,

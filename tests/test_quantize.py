@@ -1,7 +1,8 @@
-"""`facegate export int8`: the default model quantised (QDQ int8) on real CelebA chips of
-training identities, in a process where torch cannot be imported; the result is a sealed
-bundle ONNX Runtime loads, with int8 Quantize/DequantizeLinear nodes, whose embeddings of
-other people's crops stay within a cosine a broken quantisation does not reach."""
+"""`facegate export int8`: the default model's fp32 source (dlib's ResNet port, exported
+here) quantised (QDQ int8) on real CelebA chips of training identities, in a process where
+torch cannot be imported; the result is a sealed bundle ONNX Runtime loads, with int8
+Quantize/DequantizeLinear nodes, whose embeddings of other people's crops stay within a
+cosine a broken quantisation does not reach. The shipped default is such a bundle."""
 
 from __future__ import annotations
 
@@ -17,8 +18,10 @@ import pytest
 from facegate.core.bundle import load_bundle
 from facegate.core.embed import create_embedder
 from facegate.core.metrics import split_identities
+from facegate.export.onnx import export_bundle
 from facegate.export.parity import row_cosines, sample_crops
-from facegate.export.quantize import QuantizeError, quantize_bundle, training_crops
+from facegate.export.quantize import QuantizeError, qdq_nodes, quantize_bundle, training_crops
+from facegate.train.checkpoint import PRETRAINED_DLIB
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT = REPO / "models" / "default"
@@ -48,10 +51,19 @@ def chips(tmp_path_factory, celeba_root):
 
 
 @pytest.fixture(scope="module")
-def int8_bundle(tmp_path_factory, chips):
+def fp32(tmp_path_factory, chips):
+    """The default model's fp32 source: dlib's ResNet ported and exported to ONNX."""
+    crops = held_out_crops(chips)
+    return export_bundle(Path(PRETRAINED_DLIB), tmp_path_factory.mktemp("fp32") / "bundle",
+                         parity_crops=crops, name="facegate-default", version="test",
+                         threshold=0.9)
+
+
+@pytest.fixture(scope="module")
+def int8_bundle(tmp_path_factory, chips, fp32):
     out = tmp_path_factory.mktemp("int8") / "bundle"
     done = subprocess.run(
-        [sys.executable, "-c", NO_TORCH_CLI, "export", "int8", str(DEFAULT), str(out),
+        [sys.executable, "-c", NO_TORCH_CLI, "export", "int8", str(fp32.path), str(out),
          "--calibration", str(chips[0]), "--holdout", str(HOLDOUT),
          "--calibration-crops", "16", "--parity-crops", "8"],
         capture_output=True, text=True, timeout=180,
@@ -66,8 +78,8 @@ def held_out_crops(chips) -> np.ndarray:
     return np.stack([cv2.cvtColor(cv2.imread(str(p)), cv2.COLOR_BGR2RGB) for p in paths])
 
 
-def test_int8_bundle_is_sealed_another_model_with_int8_qdq_nodes(int8_bundle):
-    source = load_bundle(DEFAULT)
+def test_int8_bundle_is_sealed_another_model_with_int8_qdq_nodes(int8_bundle, fp32):
+    source = fp32
     assert int8_bundle.sealed and int8_bundle.model_id != source.model_id
     assert int8_bundle.version == f"{source.version}-int8"
     assert list(int8_bundle.manifest["files"]) == ["embedder.onnx"]
@@ -92,13 +104,13 @@ def test_int8_bundle_is_sealed_another_model_with_int8_qdq_nodes(int8_bundle):
     assert session.get_outputs()[0].shape[-1] == 128
 
 
-def test_int8_embeddings_of_held_out_people_stay_close_to_fp32(int8_bundle, chips):
+def test_int8_embeddings_of_held_out_people_stay_close_to_fp32(int8_bundle, chips, fp32):
     crops = held_out_crops(chips)
     assert len(crops) >= HOLDOUT
     for flip in (True, False):
-        fp32 = create_embedder(load_bundle(DEFAULT), runtime="onnxruntime-cpu", flip=flip)
+        reference = create_embedder(fp32, runtime="onnxruntime-cpu", flip=flip)
         int8 = create_embedder(int8_bundle, runtime="onnxruntime-cpu", flip=flip)
-        cosines = row_cosines(fp32.embed(crops), int8.embed(crops))
+        cosines = row_cosines(reference.embed(crops), int8.embed(crops))
         assert cosines.min() >= 0.995, cosines  # flat-range calibration gives ~0.90 (below)
     assert int8_bundle.manifest["parity"]["min_cosine"] >= 0.995
 
@@ -115,9 +127,27 @@ def test_calibration_keeps_to_training_identities(chips):
     assert where.startswith(f"{len(calibration)} crops of {len(trained)} training identities")
 
 
-def test_a_quantisation_that_drifts_is_refused_and_writes_nothing(tmp_path, chips):
+def test_a_quantisation_that_drifts_is_refused_and_writes_nothing(tmp_path, chips, fp32):
     flat = np.full((8, 150, 150, 3), 120, np.uint8)  # no face: activation ranges collapse
     with pytest.raises(QuantizeError, match="drift from fp32"):
-        quantize_bundle(DEFAULT, tmp_path / "bad", flat, held_out_crops(chips),
+        quantize_bundle(fp32.path, tmp_path / "bad", flat, held_out_crops(chips),
                         calibration_source="flat grey")
     assert not (tmp_path / "bad" / "manifest.json").exists()
+
+
+def test_the_default_is_int8_calibrated_on_training_identities_and_not_quantised_twice(
+        tmp_path, chips):
+    default = load_bundle(DEFAULT)
+    section = default.manifest["quantization"]
+    assert default.version.endswith("-int8") and section["format"] == "QDQ"
+    assert "of 199 training identities" in section["calibration_data"]
+    assert "48 held out, seed 0" in section["calibration_data"]
+    nodes = qdq_nodes(default.onnx_path)
+    assert nodes["quantize_linear"] >= 29 and nodes["int8_initializers"] >= 29 + 1
+    assert default.manifest["parity"]["min_cosine"] >= 0.999
+    # its decision settings were learned on its own embeddings, not carried from fp32
+    assert "carried unchanged" not in default.threshold_provenance
+    assert default.manifest["calibration"]["previous_threshold"] != default.threshold
+    with pytest.raises(QuantizeError, match="quantised already"):
+        quantize_bundle(DEFAULT, tmp_path / "twice", held_out_crops(chips),
+                        held_out_crops(chips), calibration_source="the default's chips")
