@@ -10,13 +10,18 @@ Kinds:
 - ``hnsw``: ``IndexHNSWFlat`` (inner product, M=32). HNSW cannot remove vectors, so
   deletions are tombstoned, filtered out of results, and the owner rebuilds the index
   once the tombstoned share passes `REBUILD_DELETED_SHARE`.
-- ``ivf``: ``IndexIVFFlat`` with ``nlist = 2 sqrt(n)`` lists, or fewer where there are
-  not `IVF_TRAIN_PER_LIST` vectors a list to train them; below `IVF_MIN_LISTS` lists it
-  falls back to flat. It probes ``nlist ** 0.67`` lists, 13% of them at 50k and 8% at
-  1M: on the default model's real embeddings (a narrow cone, not a uniform sphere) the
-  share R@1 0.99 needs falls as the gallery grows (docs/gallery.md). k-means runs 10
-  iterations (FAISS's default: 25) on 64 points a list, for a build 2.5x shorter. The
-  owner rebuilds (and retrains) once the index has doubled since training.
+- ``ivf``: ``IndexIVFFlat`` with ``nlist = 4 sqrt(n)`` lists (at most 4096), or fewer
+  where there are not `IVF_TRAIN_PER_LIST` vectors a list to train them; below
+  `IVF_MIN_LISTS` lists it falls back to flat. It probes ``nlist ** 0.69`` lists, 12% of
+  them at 50k and 8% at 1M: on the default model's real embeddings (a narrow cone, not a
+  uniform sphere) the share R@1 0.99 needs falls as the gallery grows (docs/gallery.md).
+  k-means is spherical (unit centroids: plain k-means' centroids of a narrow cone differ in
+  norm, and inner-product assignment then piled up to 34x the mean list size into the
+  longest lists at 1M) and runs 10 iterations (FAISS's default: 25) on 64 points a list,
+  for a build 2.5x shorter; its centroids and each row's list can be handed back to `build`
+  (`TrainedLists`, persisted by ``gallery.index_file``), so a restart skips both k-means
+  and assignment. The owner rebuilds (and retrains) once the index has doubled since
+  training.
 - ``auto``: `auto_kind` of the gallery size at each build: flat while exact search is
   fast enough, then IVF (thresholds measured on real embeddings, docs/gallery.md). The
   owner rebuilds when the size crosses to another kind.
@@ -50,7 +55,8 @@ IVF_TRAIN_ITERATIONS = 10
 IVF_LISTS_PER_SQRT = 4
 IVF_MIN_LISTS = 4
 IVF_MAX_LISTS = 4096
-IVF_PROBE_EXPONENT = 0.68
+IVF_PROBE_EXPONENT = 0.69
+IVF_TRAINING = "spherical k-means"  # what a persisted index's centroids must come from
 REBUILD_DELETED_SHARE = 0.2
 UNSAVED_SHARE = 0.1
 AUTO_FLAT_MAX = 50_000
@@ -305,6 +311,7 @@ class TemplateIndex:
             if trained is None:
                 ivf.cp.max_points_per_centroid = IVF_TRAIN_SAMPLE_PER_LIST
                 ivf.cp.niter = IVF_TRAIN_ITERATIONS
+                ivf.cp.spherical = True  # unit centroids: lists balanced under inner product
                 ivf.train(vectors)
                 self.trainings += 1
                 lists = TrainedLists(quantizer.reconstruct_n(0, nlist), len(vectors))

@@ -9,7 +9,7 @@ from it and re-added at open, so a file lost or refused costs one k-means, never
 answer. It is rewritten (atomically, mode 0600) after every k-means.
 
 Refused, with a warning, and then retrained and rewritten: another format, another
-``model_id`` or dimension, a damaged file (SHA-256 of header and centroids; sealed: the
+``model_id``, dimension or k-means (``IVF_TRAINING``), a damaged file (SHA-256 of header and centroids; sealed: the
 AES-GCM tag), a sealed file whose master key is not configured, a plaintext file beside a
 sealed gallery, centroids that are not finite.
 
@@ -39,7 +39,7 @@ import os
 from pathlib import Path
 
 import numpy as np
-from facegate.gallery.index import TrainedLists
+from facegate.gallery.index import IVF_TRAINING, TrainedLists
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +119,8 @@ class IndexFile:
             raise RefusedFile(f"format {meta.get('format')!r}, expected {FORMAT}")
         if meta.get("model_id") != self.model_id:
             raise RefusedFile(f"model_id {meta.get('model_id')!r}, expected {self.model_id!r}")
+        if meta.get("training") != IVF_TRAINING:
+            raise RefusedFile(f"centroids of {meta.get('training')!r}, expected {IVF_TRAINING!r}")
         if meta.get("dim") != self.dim:
             raise RefusedFile(f"dimension {meta.get('dim')!r}, expected {self.dim}")
         if bool(meta.get("sealed")) != (self.sealer is not None):
@@ -155,5 +157,6 @@ class IndexFile:
 
     def _header(self, nlist: int, size: int, rows: int) -> bytes:
         meta = {"format": FORMAT, "model_id": self.model_id, "dim": self.dim, "nlist": nlist,
-                "size": size, "rows": rows, "sealed": self.sealer is not None}
+                "size": size, "rows": rows, "sealed": self.sealer is not None,
+                "training": IVF_TRAINING}
         return json.dumps(meta, sort_keys=True).encode() + b"\n"

@@ -4,6 +4,7 @@ foreign or damaged file is refused, retrained and rewritten; a sealed gallery se
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 from facegate.gallery.crypto import Sealer
 from facegate.gallery.index import TrainedLists
-from facegate.gallery.index_file import IndexFile, RefusedFile
+from facegate.gallery.index_file import MAGIC, IndexFile, RefusedFile
 from facegate.gallery.store import Gallery
 
 DIM = 16
@@ -80,6 +81,15 @@ def foreign(path: Path, **kwargs) -> bytes:
     return IndexFile(path, model_id=kwargs.pop("model_id", MODEL), dim=dim, **kwargs).encode(lists)
 
 
+def other_training(path: Path) -> bytes:
+    """A file whose centroids came from another k-means (plain, not spherical)."""
+    good = foreign(path)
+    end = good.index(b"\n", len(MAGIC)) + 1
+    header = good[len(MAGIC):end].replace(b'"spherical k-means"', b'"k-means"')
+    payload = good[end + 32:]
+    return MAGIC + header + hashlib.sha256(header + payload).digest() + payload  # intact
+
+
 def damaged(data: bytes) -> bytes:
     return data[:-5] + bytes([data[-5] ^ 1]) + data[-4:]
 
@@ -88,10 +98,11 @@ def damaged(data: bytes) -> bytes:
     lambda p, good: foreign(p, model_id="other@2"),
     lambda p, good: foreign(p, dim=8),
     lambda p, good: foreign(p, sealer=Sealer([os.urandom(32)])),
+    lambda p, good: other_training(p),
     lambda p, good: damaged(good),
     lambda p, good: good[: len(good) // 2],
     lambda p, good: b"not an index file",
-], ids=["model_id", "dimension", "sealed", "damaged", "truncated", "garbage"])
+], ids=["model_id", "dimension", "sealed", "training", "damaged", "truncated", "garbage"])
 def test_a_stale_foreign_or_damaged_file_is_refused_and_rebuilt(tmp_path, vectors, make):
     path = tmp_path / "g.sqlite"
     filled(path, vectors)
@@ -104,6 +115,16 @@ def test_a_stale_foreign_or_damaged_file_is_refused_and_rebuilt(tmp_path, vector
         assert g._index.trainings == 1  # refused: k-means again, never the bad file
         assert answers(g, queries) == fresh
     assert IndexFile(file, model_id=MODEL, dim=DIM).load() is not None  # rewritten
+
+
+def test_the_refusal_names_the_reason(tmp_path):
+    file = IndexFile(tmp_path / "g.ivf", model_id=MODEL, dim=DIM)
+    with pytest.raises(RefusedFile, match="'k-means'"):
+        file.decode(other_training(file.path))
+    with pytest.raises(RefusedFile, match="model_id 'other@2'"):
+        file.decode(foreign(file.path, model_id="other@2"))
+    with pytest.raises(RefusedFile, match="checksum"):
+        file.decode(damaged(foreign(file.path)))
 
 
 def test_a_sealed_gallery_seals_the_file_and_reuses_it_with_its_key(tmp_path, vectors):
