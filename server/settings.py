@@ -174,7 +174,8 @@ class Settings(BaseSettings):
     )
     flip: bool = Field(
         True, description="embed each crop plus its mirror image (as training validation and "
-        "facegate evaluate do, so served decisions match the reported figures); ~2x embed cost"
+        "facegate evaluate do, so served decisions match the reported figures); with a "
+        "quality model the mirror is embedded either way (its stability signal)"
     )
     allow_threshold_override: bool = False
     batching: bool = Field(True, description="micro-batch embeddings across requests")
