@@ -143,13 +143,15 @@ def postgres_on_small_disk():
         pytest.skip(f"cannot mount a tmpfs (needs root): {mounted.stderr.strip()}")
     from bench.pg_cluster import Cluster
 
-    if os.geteuid() == 0:
-        shutil.chown(disk, "postgres", "postgres")
-    c = Cluster(root=disk)
+    c = None
     try:
+        if os.geteuid() == 0:
+            shutil.chown(disk, "postgres", "postgres")
+        c = Cluster(root=disk)
         yield c, disk
     finally:
-        c.stop("immediate")
+        if c is not None:
+            c.stop("immediate")
         subprocess.run(["umount", "-l", str(disk)], check=False)
         disk.rmdir()
 
