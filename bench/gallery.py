@@ -142,6 +142,7 @@ def ivf_rows(base: np.ndarray, queries: np.ndarray, exact: np.ndarray, sizes: di
                 ivf = faiss.extract_index_ivf(index)  # trained as the server trains
                 ivf.cp.max_points_per_centroid = IVF_TRAIN_SAMPLE_PER_LIST
                 ivf.cp.niter = IVF_TRAIN_ITERATIONS
+                ivf.cp.spherical = True
                 index.train(base)
                 index.add(base)
                 return index

@@ -12,8 +12,8 @@ Kinds:
   once the tombstoned share passes `REBUILD_DELETED_SHARE`.
 - ``ivf``: ``IndexIVFFlat`` with ``nlist = 4 sqrt(n)`` lists (at most 4096), or fewer
   where there are not `IVF_TRAIN_PER_LIST` vectors a list to train them; below
-  `IVF_MIN_LISTS` lists it falls back to flat. It probes ``nlist ** 0.69`` lists, 12% of
-  them at 50k and 8% at 1M: on the default model's real embeddings (a narrow cone, not a
+  `IVF_MIN_LISTS` lists it falls back to flat. It probes ``nlist ** 0.72`` lists, 15% of
+  them at 50k and 10% at 1M: on the default model's real embeddings (a narrow cone, not a
   uniform sphere) the share R@1 0.99 needs falls as the gallery grows (docs/gallery.md).
   k-means is spherical (unit centroids: plain k-means' centroids of a narrow cone differ in
   norm, and inner-product assignment then piled up to 34x the mean list size into the
@@ -55,7 +55,7 @@ IVF_TRAIN_ITERATIONS = 10
 IVF_LISTS_PER_SQRT = 4
 IVF_MIN_LISTS = 4
 IVF_MAX_LISTS = 4096
-IVF_PROBE_EXPONENT = 0.69
+IVF_PROBE_EXPONENT = 0.72
 IVF_TRAINING = "spherical k-means"  # what a persisted index's centroids must come from
 REBUILD_DELETED_SHARE = 0.2
 UNSAVED_SHARE = 0.1
